@@ -1,0 +1,1 @@
+"""Checks: turning probe samples into pass/fail results."""

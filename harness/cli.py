@@ -1,0 +1,185 @@
+"""Command line: `python -m harness <command> [--config vm_configs/local.yaml]`.
+
+Exit codes: 0 the verdict passed (or the command succeeded), 1 the verdict failed, 2 the harness
+could not get that far (the message says why), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from harness import pipeline
+from harness.config import DEFAULT_CONFIG, ClusterConfig, load_config
+from harness.errors import HarnessError
+from harness.progress import Progress
+from harness.report import verdict_table
+from harness.run_folder import RunFolder
+
+EXIT_FAIL, EXIT_ERROR, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+    progress = Progress()
+    try:
+        config = load_config(args.config)
+        return args.handler(args, config, progress)
+    except HarnessError as error:
+        progress.say(f"error: {error}")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        progress.say("interrupted: every QEMU this command started has been stopped")
+        return EXIT_INTERRUPTED
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="harness", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                        help=f"cluster description (default: {DEFAULT_CONFIG.name})")
+    commands = parser.add_subparsers(dest="command", required=True)
+    patch = commands.add_parser("patch", help="apply the guest series to the kernel tree")
+    patch.add_argument("--revert", action="store_true", help="revert what the harness applied")
+    patch.set_defaults(handler=_patch)
+    commands.add_parser("status", help="which series the tree holds, whether a guest runs") \
+        .set_defaults(handler=_status)
+    commands.add_parser("build", help="patch and build the guest kernel") \
+        .set_defaults(handler=_build)
+    commands.add_parser("up", help="patch, build, boot and leave the guest running") \
+        .set_defaults(handler=_up)
+    for name, handler, text in (("probe", _probe, "probe the running guest and judge it"),
+                                ("down", _down, "stop the running guest")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--run", type=Path, help="run folder (default: the latest)")
+        sub.set_defaults(handler=handler)
+    run = commands.add_parser("run", help="patch, build, boot, probe, judge, stop")
+    run.add_argument("--keep", action="store_true", help="leave the guest running afterwards")
+    run.set_defaults(handler=_run)
+    return parser
+
+
+def _patch(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
+    if args.revert:
+        tree = pipeline.resolve_tree(config.guest.kernel.source, config.cache_dir, progress)
+        if config.guest.kernel.patches is None:
+            progress.say("no guest series configured; nothing to revert")
+            return 0
+        series = pipeline.select_series(config.guest.kernel.patches, pipeline.kernel_version(tree))
+        reverted = series.revert(tree)
+        progress.say(f"reverted: {', '.join(reverted) or 'nothing was applied'}")
+        return 0
+    pipeline.prepare_guest_tree(config, progress)
+    return 0
+
+
+def _status(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
+    tree = pipeline.resolve_tree(config.guest.kernel.source, config.cache_dir, progress)
+    version = pipeline.kernel_version(tree)
+    print(f"guest tree: {tree} (Linux {version})")
+    if config.guest.kernel.patches is not None:
+        series = pipeline.select_series(config.guest.kernel.patches, version)
+        print(f"series {series.directory}: {series.status(tree).describe()}")
+    latest = RunFolder.latest(config.run_root)
+    if latest is None or not latest.file(pipeline.SESSION_FILE).is_file():
+        print("no guest started yet")
+        return 0
+    session = pipeline.attach_session(config, latest)
+    alive = session.guest.exit_status() is None
+    print(f"latest run: {latest.path}: guest {'running' if alive else 'stopped'} "
+          f"(pid {session.record.pid}, ssh port {session.record.ssh_port})")
+    return 0
+
+
+def _build_into(config: ClusterConfig, run: RunFolder, progress: Progress):
+    prepared = pipeline.prepare_guest_tree(config, progress)
+    result = pipeline.build_guest_kernel(config, prepared, run, progress)
+    progress.say(f"    kernel {result.kernel_release}, bzImage sha256 {result.bzimage.sha256[:16]}…")
+    return result
+
+
+def _build(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
+    run = RunFolder.create(config.run_root, config.name)
+    _build_into(config, run, progress)
+    progress.say(f"run folder: {run.path}")
+    return 0
+
+
+def _boot(config: ClusterConfig, run: RunFolder, progress: Progress) -> pipeline.GuestSession:
+    result = _build_into(config, run, progress)
+    hz = pipeline.kernel_hz(Path(result.config.path))
+    session = pipeline.boot_guest(config, Path(result.bzimage.path), hz, run, progress)
+    for line in pipeline.atomic_inc_lines(Path(session.record.kernel_console_log)):
+        progress.say(f"    guest says: {line}")
+    return session
+
+
+def _up(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
+    run = RunFolder.create(config.run_root, config.name)
+    session = _boot(config, run, progress)
+    try:
+        session.open_ssh(pipeline.boot_timeout(config, session.record.accelerator,
+                                               config.timeouts.ssh_s))
+    except BaseException:
+        session.close()
+        raise
+    session.disconnect()
+    progress.say(f"guest is up (QEMU pid {session.record.pid}); run folder: {run.path}\n"
+                 f"    ssh -i {session.record.client_key} -p {session.record.ssh_port} "
+                 f"-o StrictHostKeyChecking=no root@127.0.0.1\n"
+                 f"    then: python -m harness probe; python -m harness down")
+    return 0
+
+
+def _attached(args: argparse.Namespace, config: ClusterConfig) -> pipeline.GuestSession:
+    run = RunFolder(args.run.resolve()) if args.run else RunFolder.latest(config.run_root)
+    if run is None:
+        raise HarnessError(f"no run folder under {config.run_root}; start a guest with `up`")
+    return pipeline.attach_session(config, run)
+
+
+def _probe(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
+    session = _attached(args, config)
+    session.raise_if_dead()
+    try:
+        samples = pipeline.probe_guest(session, config, progress)
+    finally:
+        session.disconnect()
+    return _report(pipeline.judge(samples, session.record.hz, config, session.run), session.run)
+
+
+def _down(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
+    session = _attached(args, config)
+    session.close()
+    progress.say(f"stopped the guest of {session.run.path}")
+    return 0
+
+
+def _run(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
+    run = RunFolder.create(config.run_root, config.name)
+    session = _boot(config, run, progress)
+    try:
+        samples = pipeline.probe_guest(session, config, progress)
+    finally:
+        if args.keep:
+            session.disconnect()
+        else:
+            session.close()
+    return _report(pipeline.judge(samples, session.record.hz, config, run), run)
+
+
+def _report(verdict, run: RunFolder) -> int:
+    print(verdict_table(verdict))
+    print(f"run folder: {run.path}")
+    return 0 if verdict.passed else EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""Typed model of a `vm_configs/*.yaml` cluster description, validated strictly.
+
+Unknown keys are errors, not warnings: a misspelt key that is silently ignored is how a config
+fragment or a threshold gets dropped without anyone noticing. Every error names the file, the key
+and what is allowed. Relative paths are resolved against the YAML file's own directory.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "vm_configs" / "local.yaml"
+LAUNCHERS = ("qemu", "giantvm")
+ACCELERATORS = ("auto", "tcg", "kvm")
+PROBE_TRANSPORTS = ("ssh", "serial")
+GIANTVM_MAX_NODES = 4
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """A machine that runs QEMU: `local` is this machine, anything else is reached over SSH."""
+
+    name: str
+    address: str
+    user: str
+    port: int
+    key_file: Path | None
+    work_dir: str
+
+    @property
+    def is_local(self) -> bool:
+        return self.address == "local"
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    source: str
+    patches: Path | None
+    base_config: str
+    fragments: tuple[Path, ...]
+    make_jobs: int
+
+
+@dataclass(frozen=True)
+class GuestConfig:
+    kernel: KernelConfig
+    cmdline: str
+
+
+@dataclass(frozen=True)
+class VMConfig:
+    launcher: str
+    accel: str
+    vcpus: int
+    nodes: int
+    memory_mb: int
+    qemu_binary: str
+
+    @property
+    def vcpus_per_node(self) -> int:
+        return self.vcpus // self.nodes
+
+    def node_of_vcpu(self, vcpu: int) -> int:
+        return vcpu // self.vcpus_per_node
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    rounds: int
+    interval_s: float
+    transports: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CheckConfig:
+    max_skew_ticks: int
+    max_node_skew_ticks: int
+    rate_tolerance: float
+
+
+@dataclass(frozen=True)
+class TimeoutConfig:
+    boot_s: float
+    ssh_s: float
+    command_s: float
+    tcg_multiplier: float
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    path: Path
+    name: str
+    run_root: Path
+    cache_dir: Path
+    hosts: tuple[HostConfig, ...]
+    guest: GuestConfig
+    vm: VMConfig
+    probe: ProbeConfig
+    checks: CheckConfig
+    timeouts: TimeoutConfig
+
+
+class _Section:
+    """Reads one mapping of the YAML, remembering which keys were used so the rest can be refused."""
+
+    def __init__(self, path: Path, key: str, data: Any):
+        self.file = path
+        self.key = key
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise self.error("", f"expected a mapping, got {type(data).__name__}")
+        self.data = data
+        self.allowed: list[str] = []
+
+    def error(self, key: str, message: str) -> ConfigError:
+        where = ".".join(part for part in (self.key, key) if part) or "(top level)"
+        return ConfigError(f"{self.file}: {where}: {message}")
+
+    def _get(self, key: str, default: Any) -> Any:
+        self.allowed.append(key)
+        if key not in self.data:
+            if default is _REQUIRED:
+                raise self.error(key, "is required")
+            return default
+        return self.data[key]
+
+    def string(self, key: str, default: Any = None, choices: tuple[str, ...] = ()) -> str:
+        value = self._get(key, _REQUIRED if default is None else default)
+        if not isinstance(value, str) or not value:
+            raise self.error(key, f"expected a non-empty string, got {value!r}")
+        if choices and value not in choices:
+            raise self.error(key, f"'{value}' is not one of: {', '.join(choices)}")
+        return value
+
+    def integer(self, key: str, default: Any, low: int, high: int) -> int:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self.error(key, f"expected a whole number from {low} to {high}, got {value!r}")
+        return value
+
+    def number(self, key: str, default: Any, low: float, high: float) -> float:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not low <= value <= high:
+            raise self.error(key, f"expected a number from {low} to {high}, got {value!r}")
+        return float(value)
+
+    def path(self, key: str, default: Any = None) -> Path | None:
+        value = self._get(key, default)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise self.error(key, f"expected a path, got {value!r}")
+        return (self.file.parent / os.path.expanduser(value)).resolve()
+
+    def string_list(self, key: str, default: Any, choices: tuple[str, ...] = ()) -> tuple[str, ...]:
+        value = self._get(key, default)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.error(key, f"expected a list of strings, got {value!r}")
+        for item in value:
+            if choices and item not in choices:
+                raise self.error(key, f"'{item}' is not one of: {', '.join(choices)}")
+        return tuple(value)
+
+    def section(self, key: str, required: bool = False) -> "_Section":
+        value = self._get(key, _REQUIRED if required else {})
+        return _Section(self.file, ".".join(p for p in (self.key, key) if p), value)
+
+    def items(self, key: str) -> list["_Section"]:
+        value = self._get(key, [])
+        if not isinstance(value, list):
+            raise self.error(key, f"expected a list, got {type(value).__name__}")
+        prefix = ".".join(p for p in (self.key, key) if p)
+        return [_Section(self.file, f"{prefix}[{index}]", item) for index, item in enumerate(value)]
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - set(self.allowed))
+        if unknown:
+            raise self.error(unknown[0], f"unknown key; allowed here: {', '.join(self.allowed)}")
+
+
+_REQUIRED = object()
+
+
+def load_config(path: Path | None = None) -> ClusterConfig:
+    path = (path or DEFAULT_CONFIG).resolve()
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; the default is {DEFAULT_CONFIG}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    return parse_config(path, data)
+
+
+def parse_config(path: Path, data: Any) -> ClusterConfig:
+    top = _Section(path, "", data)
+    name = top.string("name", default=path.stem)
+    run_root = top.path("run_dir", default=str(REPO_ROOT / "runs"))
+    cache_dir = top.path("cache_dir", default=str(_default_cache_dir()))
+    hosts = tuple(_parse_host(section) for section in top.items("hosts"))
+    if not hosts:
+        hosts = (HostConfig("localhost", "local", "root", 22, None, "/tmp/gvm-harness"),)
+    guest = _parse_guest(top.section("guest", required=True))
+    vm = _parse_vm(top.section("vm", required=True))
+    probe = _parse_probe(top.section("probe"))
+    checks = _parse_checks(top.section("checks"))
+    timeouts = _parse_timeouts(top.section("timeouts"))
+    top.done()
+    names = [host.name for host in hosts]
+    if len(set(names)) != len(names):
+        raise top.error("hosts", f"host names must be unique, got {names}")
+    if vm.launcher == "qemu" and not hosts[0].is_local:
+        raise top.error("hosts", "the stock-QEMU launcher runs on this machine only for now; "
+                                 "set the first host's address to 'local'")
+    if vm.launcher == "giantvm":
+        raise top.error("vm.launcher", "'giantvm' needs VT-x hosts and the multi-host deploy, "
+                                       "which this version does not drive yet; use 'qemu'")
+    return ClusterConfig(path=path, name=name, run_root=run_root, cache_dir=cache_dir,
+                         hosts=hosts, guest=guest, vm=vm, probe=probe, checks=checks,
+                         timeouts=timeouts)
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "gvm-harness"
+
+
+def _parse_host(section: _Section) -> HostConfig:
+    address = section.string("address")
+    if address != "local":
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            if not all(part.isalnum() or part == "-" for part in address.replace(".", "-").split("-")):
+                raise section.error("address", f"'{address}' is neither 'local', an IP address "
+                                               "nor a host name") from None
+    host = HostConfig(
+        name=section.string("name"),
+        address=address,
+        user=section.string("user", default="root"),
+        port=section.integer("port", 22, 1, 65535),
+        key_file=section.path("key_file"),
+        work_dir=section.string("work_dir", default="/tmp/gvm-harness"),
+    )
+    section.done()
+    return host
+
+
+def _parse_guest(section: _Section) -> GuestConfig:
+    kernel_section = section.section("kernel", required=True)
+    config_section = kernel_section.section("config")
+    fragments = config_section.string_list("fragments", [])
+    kernel = KernelConfig(
+        source=kernel_section.string("source"),
+        patches=kernel_section.path("patches"),
+        base_config=config_section.string("base", default="tinyconfig"),
+        fragments=tuple((section.file.parent / fragment).resolve() for fragment in fragments),
+        make_jobs=kernel_section.integer("make_jobs", os.cpu_count() or 1, 1, 256),
+    )
+    for fragment in kernel.fragments:
+        if not fragment.is_file():
+            raise config_section.error("fragments", f"{fragment} does not exist")
+    if kernel.patches is not None and not kernel.patches.is_dir():
+        raise kernel_section.error("patches", f"{kernel.patches} is not a directory")
+    config_section.done()
+    kernel_section.done()
+    guest = GuestConfig(kernel=kernel, cmdline=section.string("cmdline", default="console=ttyS0"))
+    section.done()
+    return guest
+
+
+def _parse_vm(section: _Section) -> VMConfig:
+    vm = VMConfig(
+        launcher=section.string("launcher", default="qemu", choices=LAUNCHERS),
+        accel=section.string("accel", default="auto", choices=ACCELERATORS),
+        vcpus=section.integer("vcpus", 2, 1, 64),
+        nodes=section.integer("nodes", 1, 1, 64),
+        memory_mb=section.integer("memory_mb", 256, 64, 1 << 20),
+        qemu_binary=section.string("qemu_binary", default="qemu-system-x86_64"),
+    )
+    section.done()
+    if vm.vcpus % vm.nodes:
+        raise section.error("nodes", f"{vm.vcpus} vCPUs cannot be split evenly over {vm.nodes} "
+                                     "nodes; GiantVM needs the same number of local CPUs on each")
+    if vm.launcher == "giantvm" and vm.nodes > GIANTVM_MAX_NODES:
+        raise section.error("nodes", f"GiantVM supports at most {GIANTVM_MAX_NODES} nodes")
+    return vm
+
+
+def _parse_probe(section: _Section) -> ProbeConfig:
+    probe = ProbeConfig(
+        rounds=section.integer("rounds", 20, 2, 100000),
+        interval_s=section.number("interval_s", 0.25, 0.0, 3600.0),
+        transports=section.string_list("transports", ["ssh", "serial"], PROBE_TRANSPORTS),
+    )
+    section.done()
+    if not probe.transports:
+        raise section.error("transports", f"name at least one of: {', '.join(PROBE_TRANSPORTS)}")
+    return probe
+
+
+def _parse_checks(section: _Section) -> CheckConfig:
+    checks = CheckConfig(
+        max_skew_ticks=section.integer("max_skew_ticks", 2, 0, 1 << 30),
+        max_node_skew_ticks=section.integer("max_node_skew_ticks", 2, 0, 1 << 30),
+        rate_tolerance=section.number("rate_tolerance", 0.05, 0.0, 1.0),
+    )
+    section.done()
+    return checks
+
+
+def _parse_timeouts(section: _Section) -> TimeoutConfig:
+    timeouts = TimeoutConfig(
+        boot_s=section.number("boot_s", 120, 1, 86400),
+        ssh_s=section.number("ssh_s", 60, 1, 86400),
+        command_s=section.number("command_s", 30, 1, 86400),
+        tcg_multiplier=section.number("tcg_multiplier", 3, 1, 100),
+    )
+    section.done()
+    return timeouts

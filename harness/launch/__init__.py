@@ -1,0 +1,51 @@
+"""Launchers start a guest and hand back where to reach it; the pipeline never builds QEMU lines.
+
+The stock-QEMU launcher runs one QEMU on this machine; the GiantVM launcher (one QEMU per node)
+implements the same interface, the way syzkaller keeps each VM type behind one `vm` interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class BootSpec:
+    """What to boot and with which shape; the same for every launcher."""
+
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    vcpus: int
+    memory_mb: int
+
+
+@dataclass(frozen=True)
+class GuestEndpoints:
+    """Where the running guest can be reached from this machine."""
+
+    kernel_console_log: Path
+    shell_socket: Path
+    ssh_host: str
+    ssh_port: int
+
+
+class RunningGuest(Protocol):
+    endpoints: GuestEndpoints
+    accelerator: str
+
+    def exit_status(self) -> int | None:
+        """None while the guest's QEMU processes run; their exit code once one has stopped."""
+
+    def stop(self) -> None:
+        """Stop every process of this guest; safe to call twice."""
+
+
+class Launcher(Protocol):
+    def command_lines(self) -> list[list[str]]:
+        """The exact commands `start` will run, for plan output and for starting by hand."""
+
+    def start(self) -> RunningGuest:
+        ...

@@ -1,0 +1,65 @@
+"""Run a command on this machine with its full output in a log file and a live status line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+from harness.errors import CommandError
+from harness.progress import Progress
+
+
+def run_logged(args: list[str], log_path: Path, progress: Progress, cwd: Path | None = None,
+               env: dict[str, str] | None = None,
+               summarize: Callable[[str], str | None] = lambda line: line.strip() or None,
+               tail_lines: int = 25) -> None:
+    """Run `args`, appending all output to `log_path`; raise CommandError with the log's tail.
+
+    `summarize` turns an output line into the status text to show (or None to keep the old one),
+    so a kernel build can show the file it compiles instead of every warning.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    tail: list[str] = []
+    with log_path.open("a") as log:
+        log.write(f"$ {' '.join(args)}\n")
+        log.flush()
+        process = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, errors="replace",
+                                   start_new_session=True)
+        try:
+            assert process.stdout is not None
+            for line in process.stdout:
+                log.write(line)
+                tail = (tail + [line.rstrip()])[-tail_lines:]
+                status = summarize(line)
+                if status:
+                    progress.status(status, started)
+            returncode = process.wait()
+        except BaseException:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait()
+            raise
+    if returncode != 0:
+        raise CommandError(f"`{' '.join(args)}` exited with {returncode} after "
+                           f"{time.monotonic() - started:.0f}s; full log: {log_path}\n"
+                           + "\n".join(tail))
+
+
+def run_captured(args: list[str], cwd: Path | None = None, env: dict[str, str] | None = None,
+                 timeout: float | None = None) -> str:
+    """Run a short command and return its stdout; raise CommandError with stderr on failure."""
+    try:
+        result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True,
+                                timeout=timeout)
+    except FileNotFoundError:
+        raise CommandError(f"`{args[0]}` is not installed; run the project's setup "
+                           "(./gvm setup)") from None
+    if result.returncode != 0:
+        raise CommandError(f"`{' '.join(args)}` exited with {result.returncode}: "
+                           f"{result.stderr.strip() or result.stdout.strip()}")
+    return result.stdout

@@ -1,0 +1,1 @@
+"""Probes: what the guest is asked, over SSH or the serial console."""

@@ -1,0 +1,84 @@
+"""pytest plugin: `--cluster-config` and fixtures that build and boot the real guest once per
+session. Tests ask for `cluster`, `guest_console` or `guest_ssh`; `boot_guest` boots extra guests
+with another kernel command line. Every guest is stopped when the session ends, pass or fail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from harness import pipeline
+from harness.build import KernelBuildResult
+from harness.config import DEFAULT_CONFIG, ClusterConfig, load_config
+from harness.console import SerialConsole
+from harness.guest_ssh import GuestSSH
+from harness.progress import Progress
+from harness.run_folder import RunFolder
+
+
+@dataclass(frozen=True)
+class BuiltGuestKernel:
+    prepared: pipeline.PreparedTree
+    build: KernelBuildResult
+    hz: int
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--cluster-config", type=Path, default=DEFAULT_CONFIG,
+                     help="the YAML cluster description the e2e suites run against")
+
+
+@pytest.fixture(scope="session")
+def cluster_config(request: pytest.FixtureRequest) -> ClusterConfig:
+    return load_config(request.config.getoption("--cluster-config"))
+
+
+@pytest.fixture(scope="session")
+def progress() -> Progress:
+    return Progress()
+
+
+@pytest.fixture(scope="session")
+def guest_kernel(cluster_config: ClusterConfig, progress: Progress) -> BuiltGuestKernel:
+    run = RunFolder.create(cluster_config.run_root, f"{cluster_config.name}-pytest-build")
+    prepared = pipeline.prepare_guest_tree(cluster_config, progress)
+    result = pipeline.build_guest_kernel(cluster_config, prepared, run, progress)
+    return BuiltGuestKernel(prepared, result, pipeline.kernel_hz(Path(result.config.path)))
+
+
+@pytest.fixture(scope="session")
+def boot_guest(cluster_config: ClusterConfig, guest_kernel: BuiltGuestKernel,
+               progress: Progress) -> Iterator[Callable[..., pipeline.GuestSession]]:
+    sessions: list[pipeline.GuestSession] = []
+
+    def boot(cmdline: str | None = None) -> pipeline.GuestSession:
+        run = RunFolder.create(cluster_config.run_root, f"{cluster_config.name}-pytest")
+        session = pipeline.boot_guest(cluster_config, Path(guest_kernel.build.bzimage.path),
+                                      guest_kernel.hz, run, progress, cmdline=cmdline)
+        sessions.append(session)
+        return session
+
+    yield boot
+    for session in sessions:
+        session.close()
+
+
+@pytest.fixture(scope="session")
+def cluster(boot_guest: Callable[..., pipeline.GuestSession]) -> pipeline.GuestSession:
+    return boot_guest()
+
+
+@pytest.fixture
+def guest_console(cluster: pipeline.GuestSession, cluster_config: ClusterConfig) -> SerialConsole:
+    return cluster.open_console(pipeline.boot_timeout(cluster_config, cluster.record.accelerator,
+                                                      cluster_config.timeouts.ssh_s))
+
+
+@pytest.fixture
+def guest_ssh(cluster: pipeline.GuestSession, cluster_config: ClusterConfig) -> GuestSSH:
+    return cluster.open_ssh(pipeline.boot_timeout(cluster_config, cluster.record.accelerator,
+                                                  cluster_config.timeouts.ssh_s))

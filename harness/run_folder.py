@@ -1,0 +1,45 @@
+"""One folder per run holding everything it produced; `latest` points at the newest."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    path: Path
+
+    @classmethod
+    def create(cls, root: Path, config_name: str) -> "RunFolder":
+        root.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = root / f"{stamp}-{config_name}"
+        suffix = 1
+        while path.exists():
+            suffix += 1
+            path = root / f"{stamp}-{config_name}-{suffix}"
+        path.mkdir()
+        latest = root / "latest"
+        latest.unlink(missing_ok=True)
+        latest.symlink_to(path.name)
+        return cls(path)
+
+    @classmethod
+    def latest(cls, root: Path) -> "RunFolder | None":
+        latest = root / "latest"
+        return cls(latest.resolve()) if latest.is_symlink() and latest.resolve().is_dir() else None
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def write_json(self, name: str, data: Any) -> Path:
+        target = self.file(name)
+        target.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        return target
+
+    def read_json(self, name: str) -> Any:
+        return json.loads(self.file(name).read_text())

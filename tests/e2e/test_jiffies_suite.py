@@ -1,0 +1,51 @@
+"""The jiffies suite on the real guest: built from linux-source-6.1, booted under QEMU, probed over
+SSH and over the serial console, judged with the config's thresholds."""
+
+import re
+
+import pytest
+
+from harness import pipeline
+from harness.checks.jiffies import check_samples
+from harness.probes.jiffies import JiffiesProbe
+
+pytestmark = pytest.mark.e2e
+
+
+def test_console_and_ssh_reach_the_same_guest(guest_console, guest_ssh) -> None:
+    boot_id_serial = guest_console.run("cat /proc/sys/kernel/random/boot_id").check("boot_id")
+    boot_id_ssh = guest_ssh.run("cat /proc/sys/kernel/random/boot_id").check("boot_id")
+    assert re.fullmatch(r"[0-9a-f-]{36}", boot_id_serial)
+    assert boot_id_serial == boot_id_ssh
+
+
+def test_console_reports_exit_codes_and_multiline_output(guest_console) -> None:
+    result = guest_console.run("printf 'a\\nb\\n'; echo err >&2; (exit 7)")
+    assert result.exit_status == 7
+    assert result.output.splitlines() == ["a", "b", "err"]
+
+
+def test_every_vcpu_is_online(guest_ssh, cluster_config) -> None:
+    assert guest_ssh.run("nproc").check("nproc").strip() == str(cluster_config.vm.vcpus)
+
+
+@pytest.mark.parametrize("transport", ["ssh", "serial"])
+def test_jiffies_coherent_over(transport, cluster, cluster_config, guest_ssh,
+                               guest_console) -> None:
+    runner = guest_ssh if transport == "ssh" else guest_console
+    probe = JiffiesProbe(runner, transport, cluster_config.vm.vcpus,
+                         cluster_config.vm.vcpus_per_node)
+    samples = probe.sample(rounds=8, interval_s=0.2)
+    assert {s.vcpu for s in samples} == set(range(cluster_config.vm.vcpus))
+    verdict = check_samples(samples, cluster.record.hz, cluster_config.checks)
+    failures = [c for c in verdict.checks if not c.passed]
+    assert verdict.passed, failures
+
+
+def test_full_probe_writes_the_run_artifacts(cluster, cluster_config, progress) -> None:
+    samples = pipeline.probe_guest(cluster, cluster_config, progress)
+    verdict = pipeline.judge(samples, cluster.record.hz, cluster_config, cluster.run)
+    assert verdict.passed, [c for c in verdict.checks if not c.passed]
+    for name in ("samples.json", "verdict.json", "junit.xml", "skew.png", "launch.json",
+                 "console-kernel.log", "console-shell.log", "qemu.log"):
+        assert cluster.run.file(name).stat().st_size > 0, name

@@ -1,0 +1,45 @@
+"""The stock-QEMU launch line: accelerator, shape, consoles and the SSH forward."""
+
+from pathlib import Path
+
+from harness.launch import BootSpec
+from harness.launch.qemu import QemuLauncher
+
+
+def launcher(accelerator: str) -> QemuLauncher:
+    return QemuLauncher(qemu_binary="qemu-system-x86_64", accelerator=accelerator,
+                        boot=BootSpec(kernel=Path("/k/bzImage"), initrd=Path("/r/initramfs.cpio"),
+                                      cmdline="console=ttyS0 atomic_inc_jiffies=on", vcpus=4,
+                                      memory_mb=256),
+                        run_dir=Path("/runs/r1"), ssh_port=40022)
+
+
+def option_values(line: list[str], option: str) -> list[str]:
+    return [line[i + 1] for i, word in enumerate(line) if word == option]
+
+
+def test_tcg_line() -> None:
+    (line,) = launcher("tcg").command_lines()
+    assert option_values(line, "-accel") == ["tcg,thread=multi"]
+    assert option_values(line, "-cpu") == ["max"]
+    assert option_values(line, "-smp") == ["4"] and option_values(line, "-m") == ["256"]
+    assert option_values(line, "-kernel") == ["/k/bzImage"]
+    assert option_values(line, "-initrd") == ["/r/initramfs.cpio"]
+    assert option_values(line, "-append") == ["console=ttyS0 atomic_inc_jiffies=on"]
+    assert option_values(line, "-serial") == [
+        "file:/runs/r1/console-kernel.log",
+        "unix:/runs/r1/console-shell.sock,server=on,wait=off"]
+    assert option_values(line, "-netdev") == ["user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22"]
+    assert "-nodefaults" in line and "-no-reboot" in line
+    assert "-shm-path" not in line
+
+
+def test_kvm_line() -> None:
+    (line,) = launcher("kvm").command_lines()
+    assert option_values(line, "-accel") == ["kvm"] and option_values(line, "-cpu") == ["host"]
+
+
+def test_endpoints_match_the_line() -> None:
+    endpoints = launcher("tcg").endpoints
+    assert endpoints.ssh_host == "127.0.0.1" and endpoints.ssh_port == 40022
+    assert endpoints.shell_socket == Path("/runs/r1/console-shell.sock")
