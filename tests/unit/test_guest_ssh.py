@@ -1,0 +1,43 @@
+"""SSH readiness: one deadline, fail fast when the guest is dead, no banner means not ready."""
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.errors import BootError, GuestSSHError
+from harness.guest_ssh import GuestSSH, SSHTarget, wait_for_banner
+from harness.launch.qemu import free_loopback_port
+
+
+def target(port: int) -> SSHTarget:
+    return SSHTarget("127.0.0.1", port, "root", Path("/nonexistent"), "ssh-ed25519", "AAAA")
+
+
+def test_nothing_listening_gives_up_at_the_deadline() -> None:
+    started = time.monotonic()
+    with pytest.raises(GuestSSHError, match=r"not ready after 2s and \d+ attempts; last: no SSH"):
+        GuestSSH(target(free_loopback_port()), command_timeout_s=5).connect(timeout_s=2)
+    assert time.monotonic() - started < 10
+
+
+def test_dead_guest_stops_the_wait_at_once() -> None:
+    def qemu_died() -> None:
+        raise BootError("QEMU exited with 1")
+
+    with pytest.raises(BootError, match="QEMU exited"):
+        GuestSSH(target(free_loopback_port()), command_timeout_s=5).connect(
+            timeout_s=600, still_booting=qemu_died)
+
+
+def test_accepting_without_a_banner_is_not_ready() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        assert not wait_for_banner("127.0.0.1", listener.getsockname()[1], timeout_s=0.5)
+
+
+def test_run_before_connect_is_an_error() -> None:
+    with pytest.raises(GuestSSHError, match=r"run\(\) before connect\(\)"):
+        GuestSSH(target(22), command_timeout_s=5).run("true")
