@@ -18,8 +18,8 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, stream: TextIO = sys.stderr, quiet_interval_s: float = 30.0):
-        self.stream = stream
+    def __init__(self, stream: TextIO | None = None, quiet_interval_s: float = 30.0):
+        self.stream = stream or sys.stderr
         self.live = stream.isatty()
         self.quiet_interval_s = quiet_interval_s
         self._last_status = 0.0
