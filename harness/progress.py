@@ -20,7 +20,7 @@ def format_duration(seconds: float) -> str:
 class Progress:
     def __init__(self, stream: TextIO | None = None, quiet_interval_s: float = 30.0):
         self.stream = stream or sys.stderr
-        self.live = stream.isatty()
+        self.live = self.stream.isatty()
         self.quiet_interval_s = quiet_interval_s
         self._last_status = 0.0
         self._status_shown = False
