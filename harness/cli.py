@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
-from harness import modelcheck, pipeline
+from harness import host_tree, modelcheck, pipeline
 from harness.config import DEFAULT_CONFIG, ClusterConfig, load_config
 from harness.errors import HarnessError
 from harness.progress import Progress
@@ -60,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--run", type=Path, help="run folder (default: the latest)")
         sub.set_defaults(handler=handler)
+    host = commands.add_parser("host-build", help="apply the host series to a Linux-DSM tree and "
+                                                  "build its kvm (modules, or the whole kernel)")
+    host.add_argument("--tree", type=Path, required=True, help="the Linux-DSM source tree")
+    host.add_argument("--build-dir", type=Path, help="its O= directory (default: in the tree)")
+    host.set_defaults(handler=_host_build)
     model = commands.add_parser("model-check", help="check the ATOMIC_INC protocol models with spin")
     model.add_argument("--variant", action="append", dest="variants",
                        choices=modelcheck.VARIANTS, help="only this variant (repeatable)")
@@ -178,6 +184,24 @@ def _run(args: argparse.Namespace, config: ClusterConfig, progress: Progress) ->
         else:
             session.close()
     return _report(pipeline.judge(samples, session.record.hz, config, run), run)
+
+
+def _host_build(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
+    tree = host_tree.open_host_tree(args.tree.resolve())
+    series = tree.load_series()
+    with progress.step(f"apply {series.directory.name} ({len(series.patches)} patches) to "
+                       f"{tree.path}"):
+        outcome = series.apply(tree.path)
+    progress.say(f"    {'already applied' if outcome.already_applied else 'applied'}: "
+                 f"{', '.join(series.names)}")
+    run = RunFolder.create(config.run_root, f"host-{tree.base.value}")
+    result = host_tree.build_kvm(tree, run.file("host-build.log"), progress,
+                                 build_dir=args.build_dir.resolve() if args.build_dir else None,
+                                 jobs=config.guest.kernel.make_jobs)
+    run.write_json("host-build.json", {**asdict(result), "base": result.base.value,
+                                       "log_path": str(result.log_path)})
+    progress.say(f"    {type(result).__name__}: {result.kernel_release}; run folder: {run.path}")
+    return 0
 
 
 def _model_check(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:

@@ -47,5 +47,6 @@ def test_full_probe_writes_the_run_artifacts(cluster, cluster_config, progress) 
     verdict = pipeline.judge(samples, cluster.record.hz, cluster_config, cluster.run)
     assert verdict.passed, [c for c in verdict.checks if not c.passed]
     for name in ("samples.json", "verdict.json", "junit.xml", "skew.png", "launch.json",
-                 "console-kernel.log", "console-shell.log", "qemu.log"):
+                 "console-kernel.log", "console-shell.log"):
         assert cluster.run.file(name).stat().st_size > 0, name
+    assert cluster.run.file("qemu.log").is_file()  # empty while QEMU has nothing to complain about
