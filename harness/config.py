@@ -16,13 +16,13 @@ from typing import Any
 import yaml
 
 from harness.errors import ConfigError
+from harness.launch.giantvm import MAX_NODES as GIANTVM_MAX_NODES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "vm_configs" / "local.yaml"
 LAUNCHERS = ("qemu", "giantvm")
 ACCELERATORS = ("auto", "tcg", "kvm")
 PROBE_TRANSPORTS = ("ssh", "serial")
-GIANTVM_MAX_NODES = 4
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,619 @@
+"""SSH to the cluster's hosts with paramiko: pinned host keys, deadlines, detached processes,
+port forwards, and one call that does the same thing on every host at once.
+
+Host keys are checked against a known_hosts file and an unknown or changed key is refused: the
+harness loads kernel modules and runs QEMU as root on these machines. Trust on first use must be
+asked for explicitly, and then the key it learns is written to that file so the next run pins it.
+
+Long-running processes (the GiantVM QEMUs) are started with `setsid` under `sh`, which writes the
+process-group id to a pid file in the host's work dir before it execs the command. Any later
+harness invocation can therefore stop the whole group (TERM, then KILL) from that file alone.
+
+Every remote call has a deadline; output is drained before the exit status is read (paramiko
+#448), and a lost connection is reported as such instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import posixpath
+import re
+import select
+import shlex
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Generic, Iterator, Literal, Sequence, TypeVar
+
+import paramiko
+
+from harness.config import HostConfig
+from harness.errors import HarnessError
+
+DEFAULT_KNOWN_HOSTS = Path("~/.ssh/known_hosts").expanduser()
+COMMAND_TIMEOUT_S = 60.0
+STOP_GRACE_S = 5.0
+KEEPALIVE_S = 15
+STREAMLOCAL = "direct-streamlocal@openssh.com"
+_PROCESS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# `alive`: does process group $g have a member that is not a zombie? `kill -0` also counts
+# zombies, which linger until init reaps them (seconds on some hosts). POSIX sh, dash, busybox.
+_ALIVE = "\n".join([
+    "alive() {",
+    '  for s in /proc/[0-9]*/stat; do',
+    '    read -r l 2>/dev/null < "$s" || continue',
+    '    set -- ${l##*) }',
+    '    [ "$3" = "$g" ] && [ "$1" != Z ] && return 0',
+    "  done",
+    "  return 1",
+    "}",
+])
+_known_hosts_lock = threading.Lock()
+
+T = TypeVar("T")
+
+
+class RemoteHostError(HarnessError):
+    """Talking to a cluster host failed; the message names the host."""
+
+
+class HostKeyError(RemoteHostError):
+    """The host's key is unknown or differs from the pinned one; retrying cannot help."""
+
+
+class HostUnreachable(RemoteHostError):
+    """No SSH server answered at the host's address and port."""
+
+
+class RemoteCommandError(RemoteHostError):
+    """A remote command exited non-zero."""
+
+
+class RemoteTimeout(RemoteHostError):
+    """A remote command did not finish before its deadline."""
+
+
+@dataclass(frozen=True)
+class RemoteHostSpec:
+    name: str
+    address: str
+    user: str = "root"
+    port: int = 22
+    key_file: Path | None = None
+    known_hosts: Path = DEFAULT_KNOWN_HOSTS
+    trust_on_first_use: bool = False
+    sudo: bool = False
+    work_dir: str = "/tmp/gvm-harness"
+    connect_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not posixpath.isabs(self.work_dir):
+            raise RemoteHostError(f"host '{self.name}': work_dir '{self.work_dir}' must be an "
+                                  "absolute path")
+
+    @classmethod
+    def from_host_config(cls, host: HostConfig, known_hosts: Path,
+                         trust_on_first_use: bool = False, sudo: bool = False) -> RemoteHostSpec:
+        return cls(name=host.name, address=host.address, user=host.user, port=host.port,
+                   key_file=host.key_file, known_hosts=known_hosts,
+                   trust_on_first_use=trust_on_first_use, sudo=sudo, work_dir=host.work_dir)
+
+    @property
+    def where(self) -> str:
+        return f"host '{self.name}' ({self.user}@{self.address}:{self.port})"
+
+
+@dataclass(frozen=True)
+class RemoteResult:
+    host: str
+    command: str
+    exit_status: int
+    stdout: str
+    stderr: str
+
+    def check(self) -> str:
+        if self.exit_status != 0:
+            detail = (self.stderr.strip() or self.stdout.strip())[-2000:]
+            raise RemoteCommandError(f"host '{self.host}': `{self.command}` exited with "
+                                     f"{self.exit_status}: {detail}")
+        return self.stdout
+
+
+@dataclass(frozen=True)
+class DetachedProcess:
+    host: str
+    name: str
+    pid: int
+    pid_file: str
+    log_file: str
+
+
+StopOutcome = Literal["not running", "had exited", "terminated", "killed"]
+
+
+@dataclass(frozen=True)
+class TcpTarget:
+    """A TCP port as seen from the remote host (127.0.0.1 is the remote host's loopback)."""
+
+    port: int
+    host: str = "127.0.0.1"
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class UnixTarget:
+    """A unix socket on the remote host, e.g. the guest's serial console from QEMU."""
+
+    path: str
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}"
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """OpenSSH's form, as `ssh-keygen -lf` prints it, so users can compare by eye."""
+    digest = base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+    return f"{key.get_name()} SHA256:{digest}"
+
+
+class _PinnedKeys(paramiko.MissingHostKeyPolicy):
+    def __init__(self, spec: RemoteHostSpec):
+        self.spec = spec
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str,
+                         key: paramiko.PKey) -> None:
+        spec = self.spec
+        port = "" if spec.port == 22 else f"-p {spec.port} "
+        raise HostKeyError(
+            f"{spec.where} offered host key {fingerprint(key)}, which is not in "
+            f"{spec.known_hosts}. Compare it with `ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub` on "
+            f"the host, then add it with `ssh-keyscan {port}{spec.address} >> "
+            f"{spec.known_hosts}`, or allow trust on first use for this host")
+
+
+class _TrustOnFirstUse(paramiko.MissingHostKeyPolicy):
+    def __init__(self, spec: RemoteHostSpec):
+        self.spec = spec
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str,
+                         key: paramiko.PKey) -> None:
+        client.get_host_keys().add(hostname, key.get_name(), key)
+        with _known_hosts_lock:
+            self.spec.known_hosts.parent.mkdir(parents=True, exist_ok=True)
+            with self.spec.known_hosts.open("a") as known_hosts:
+                known_hosts.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+
+
+class RemoteHost:
+    """One SSH connection to one host, opened on first use; safe to share between threads."""
+
+    def __init__(self, spec: RemoteHostSpec):
+        self.spec = spec
+        self._client: paramiko.SSHClient | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def __enter__(self) -> RemoteHost:
+        return self.connect()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def connect(self) -> RemoteHost:
+        with self._lock:
+            if self._client is None:
+                self._client = self._login()
+        return self
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    def _login(self) -> paramiko.SSHClient:
+        spec = self.spec
+        if spec.key_file is not None and not spec.key_file.is_file():
+            raise RemoteHostError(f"{spec.where}: the key file {spec.key_file} does not exist")
+        client = paramiko.SSHClient()
+        if spec.known_hosts.is_file():
+            client.get_host_keys().load(str(spec.known_hosts))
+        client.set_missing_host_key_policy(
+            _TrustOnFirstUse(spec) if spec.trust_on_first_use else _PinnedKeys(spec))
+        timeout = spec.connect_timeout_s
+        try:
+            client.connect(spec.address, port=spec.port, username=spec.user,
+                           key_filename=str(spec.key_file) if spec.key_file else None,
+                           look_for_keys=spec.key_file is None, allow_agent=spec.key_file is None,
+                           timeout=timeout, banner_timeout=timeout, auth_timeout=timeout)
+        except paramiko.BadHostKeyException as error:
+            client.close()
+            raise HostKeyError(
+                f"{spec.where} offered host key {fingerprint(error.key)}, but {spec.known_hosts} "
+                f"pins {fingerprint(error.expected_key)}. Someone may be intercepting the "
+                f"connection; if the host was reinstalled, remove the old entry with "
+                f"`ssh-keygen -R '{error.hostname}' -f {spec.known_hosts}` and pin the new "
+                "key") from None
+        except paramiko.AuthenticationException as error:
+            client.close()
+            key = spec.key_file or "your default keys"
+            raise RemoteHostError(f"{spec.where} refused the login with {key}: {error}. Add the "
+                                  f"public key to ~{spec.user}/.ssh/authorized_keys on the "
+                                  "host") from None
+        except (socket.timeout, TimeoutError):
+            client.close()
+            raise HostUnreachable(f"{spec.where}: no SSH answer within {timeout:.0f}s; is the "
+                                  "host up, and are the address and port right?") from None
+        except paramiko.SSHException as error:
+            client.close()
+            raise RemoteHostError(f"{spec.where}: the SSH handshake failed: {error}") from None
+        except OSError as error:
+            client.close()
+            if isinstance(error, paramiko.ssh_exception.NoValidConnectionsError):
+                error = next(iter(error.errors.values()))  # the one address we tried
+            raise HostUnreachable(f"{spec.where}: cannot connect: {error}; is the host up and "
+                                  f"its sshd listening on port {spec.port}?") from None
+        except HostKeyError:
+            client.close()
+            raise
+        transport = client.get_transport()
+        assert transport is not None
+        transport.set_keepalive(KEEPALIVE_S)
+        return client
+
+    @property
+    def connected(self) -> bool:
+        client = self._client
+        transport = client.get_transport() if client is not None else None
+        return transport is not None and transport.is_active()
+
+    def _transport(self) -> paramiko.Transport:
+        self.connect()
+        client = self._client
+        transport = client.get_transport() if client is not None else None
+        if transport is None or not transport.is_active():
+            raise RemoteHostError(f"{self.spec.where}: the SSH connection was lost; "
+                                  "reconnect with close() and connect()")
+        return transport
+
+    def _privileged(self, command: str) -> str:
+        if self.spec.sudo and self.spec.user != "root":
+            return f"sudo -n sh -c {shlex.quote(command)}"
+        return command
+
+    def run(self, command: str | Sequence[str], timeout_s: float = COMMAND_TIMEOUT_S,
+            check: bool = False, as_root: bool = False) -> RemoteResult:
+        """Run a shell command (or an argv, quoted for the shell) before a deadline."""
+        text = command if isinstance(command, str) else shlex.join(command)
+        deadline = time.monotonic() + timeout_s
+        stdout, stderr = bytearray(), bytearray()
+        try:
+            transport = self._transport()
+            channel = transport.open_session(timeout=timeout_s)
+            channel.exec_command(self._privileged(text) if as_root else text)
+            while True:
+                while channel.recv_ready():
+                    stdout += channel.recv(65536)
+                while channel.recv_stderr_ready():
+                    stderr += channel.recv_stderr(65536)
+                if channel.exit_status_ready() and not channel.recv_ready() \
+                        and not channel.recv_stderr_ready():
+                    break
+                if time.monotonic() > deadline:
+                    channel.close()
+                    raise RemoteTimeout(f"{self.spec.where}: `{text}` did not finish within "
+                                        f"{timeout_s:.0f}s")
+                select.select([channel], [], [], 0.1)
+            status = channel.recv_exit_status()
+            channel.close()
+            if status == -1 and not transport.is_active():
+                raise RemoteHostError(f"{self.spec.where}: the connection was lost while "
+                                      f"running `{text}`")
+        except (paramiko.SSHException, OSError, EOFError) as error:
+            raise RemoteHostError(f"{self.spec.where}: `{text}` failed: {error}") from None
+        result = RemoteResult(host=self.name, command=text, exit_status=status,
+                              stdout=stdout.decode(errors="replace"),
+                              stderr=stderr.decode(errors="replace"))
+        if check:
+            result.check()
+        return result
+
+    def start_detached(self, name: str, argv: Sequence[str], as_root: bool = False,
+                       timeout_s: float = 15.0) -> DetachedProcess:
+        """Start `argv` in its own session; it outlives this connection and this harness."""
+        pid_file, log_file = self._process_files(name)
+        pid, log = shlex.quote(pid_file), shlex.quote(log_file)
+        # sh -c writes its own pid ($$, also the group id under setsid) and then becomes argv.
+        record_and_exec = 'echo $$ > "$0.tmp" && mv "$0.tmp" "$0" && exec "$@"'
+        script = "\n".join([
+            _ALIVE,
+            f"mkdir -p {shlex.quote(posixpath.dirname(pid_file))} || exit 1",
+            f'if [ -s {pid} ] && g=$(cat {pid}) && alive; then',
+            '  echo "already running as process group $g" >&2; exit 17',
+            "fi",
+            f"rm -f {pid}",
+            f"setsid sh -c {shlex.quote(record_and_exec)} {pid} {shlex.join(argv)} "
+            f"> {log} 2>&1 < /dev/null &",
+            "i=0",
+            f'while [ ! -s {pid} ] && [ "$i" -lt 100 ]; do sleep 0.05; i=$((i+1)); done',
+            f'[ -s {pid} ] || {{ echo "no pid file after 5s" >&2; exit 18; }}',
+            f"g=$(cat {pid})",
+            "sleep 0.2",
+            f'alive || {{ echo "exited at once:" >&2; tail -n 20 {log} >&2; rm -f {pid}; '
+            "exit 19; }",
+            'echo "$g"',
+        ])
+        result = self.run(script, timeout_s=timeout_s, as_root=as_root)
+        if result.exit_status != 0:
+            raise RemoteHostError(f"{self.spec.where}: could not start '{name}' "
+                                  f"(`{shlex.join(argv)}`): {result.stderr.strip()}"
+                                  f"{'; stop it first' if result.exit_status == 17 else ''}")
+        return DetachedProcess(host=self.name, name=name, pid=int(result.stdout.strip()),
+                               pid_file=pid_file, log_file=log_file)
+
+    def running_pid(self, name: str, as_root: bool = False) -> int | None:
+        """The process group of a detached process if any of it still runs."""
+        pid = shlex.quote(self._process_files(name)[0])
+        result = self.run(f'{_ALIVE}\n[ -s {pid} ] && g=$(cat {pid}) && alive && echo "$g"',
+                          as_root=as_root)
+        return int(result.stdout) if result.exit_status == 0 else None
+
+    def stop_detached(self, name: str, grace_s: float = STOP_GRACE_S,
+                      as_root: bool = False) -> StopOutcome:
+        """TERM the whole process group, KILL it after `grace_s`; works from any invocation."""
+        pid = shlex.quote(self._process_files(name)[0])
+        steps = max(1, round(grace_s / 0.1))
+        script = "\n".join([
+            _ALIVE,
+            f'[ -s {pid} ] || {{ echo "not running"; exit 0; }}',
+            f"g=$(cat {pid})",
+            f'alive || {{ rm -f {pid}; echo "had exited"; exit 0; }}',
+            'kill -TERM -"$g" 2>/dev/null',
+            "i=0",
+            f'while alive && [ "$i" -lt {steps} ]; do sleep 0.1; i=$((i+1)); done',
+            f'alive || {{ rm -f {pid}; echo terminated; exit 0; }}',
+            'kill -KILL -"$g" 2>/dev/null',
+            "i=0",
+            'while alive && [ "$i" -lt 50 ]; do sleep 0.1; i=$((i+1)); done',
+            f'alive || {{ rm -f {pid}; echo killed; exit 0; }}',
+            'echo "process group $g survived SIGKILL for 5s" >&2; exit 1',
+        ])
+        result = self.run(script, timeout_s=grace_s + 15, as_root=as_root)
+        if result.exit_status != 0:
+            raise RemoteHostError(f"{self.spec.where}: could not stop '{name}': "
+                                  f"{result.stderr.strip()}; it may be stuck in the kernel "
+                                  "(state D); look at it with `ps -eo pid,stat,wchan,cmd`")
+        return result.stdout.strip()  # type: ignore[return-value]
+
+    def _process_files(self, name: str) -> tuple[str, str]:
+        if not _PROCESS_NAME.fullmatch(name):
+            raise RemoteHostError(f"process name '{name}' must be letters, digits, '.', '_' "
+                                  "or '-'")
+        base = f"{self.spec.work_dir}/proc/{name}"
+        return f"{base}.pid", f"{base}.log"
+
+    @contextmanager
+    def sftp(self, stall_timeout_s: float = 60.0) -> Iterator[paramiko.SFTPClient]:
+        """An SFTP session whose reads and writes fail after `stall_timeout_s` without progress."""
+        try:
+            client = paramiko.SFTPClient.from_transport(self._transport())
+        except (paramiko.SSHException, OSError, EOFError) as error:
+            raise RemoteHostError(f"{self.spec.where}: cannot open SFTP: {error}") from None
+        assert client is not None
+        client.get_channel().settimeout(stall_timeout_s)
+        try:
+            yield client
+        finally:
+            client.close()
+
+    def read_file(self, path: str, offset: int = 0, max_bytes: int = 16 << 20) -> bytes:
+        """Up to `max_bytes` of a remote file from `offset`, so a growing log can be tailed."""
+        try:
+            with self.sftp() as sftp, sftp.open(path, "rb") as remote:
+                remote.seek(offset)
+                return remote.read(max_bytes)
+        except FileNotFoundError:
+            raise RemoteHostError(f"{self.spec.where}: {path} does not exist") from None
+        except (paramiko.SSHException, OSError, EOFError) as error:
+            raise RemoteHostError(f"{self.spec.where}: cannot read {path}: {error}") from None
+
+    def open_channel_to(self, target: TcpTarget | UnixTarget,
+                        origin: tuple[str, int] = ("127.0.0.1", 0),
+                        timeout_s: float = 10.0) -> paramiko.Channel:
+        """A byte stream to a TCP port or unix socket on (or reachable from) the host."""
+        try:
+            transport = self._transport()
+            if isinstance(target, TcpTarget):
+                return transport.open_channel("direct-tcpip", (target.host, target.port), origin,
+                                              timeout=timeout_s)
+            return _open_streamlocal(transport, target.path, timeout_s)
+        except paramiko.ChannelException as error:
+            raise RemoteHostError(f"{self.spec.where} could not connect to {target}: "
+                                  f"{error.text}; is anything listening there?") from None
+        except (paramiko.SSHException, OSError, EOFError) as error:
+            raise RemoteHostError(f"{self.spec.where}: forwarding to {target} failed: "
+                                  f"{error}") from None
+
+    def forward(self, target: TcpTarget | UnixTarget, local_port: int = 0) -> PortForward:
+        """Listen on 127.0.0.1:local_port here; each connection is relayed to `target`."""
+        self._transport()
+        return PortForward(self, target, local_port)
+
+
+def _open_streamlocal(transport: paramiko.Transport, path: str,
+                      timeout_s: float) -> paramiko.Channel:
+    """Open OpenSSH's direct-streamlocal channel (to a unix socket), which paramiko lacks.
+
+    This is paramiko's own `Transport.open_channel` with the payload OpenSSH's PROTOCOL file gives
+    for it (socket path, reserved string, reserved uint32); it uses paramiko's channel
+    bookkeeping, which has not changed since paramiko 1.x.
+    """
+    with transport.lock:
+        window = transport._sanitize_window_size(None)
+        max_packet = transport._sanitize_packet_size(None)
+        channel_id = transport._next_channel()
+        message = paramiko.Message()
+        message.add_byte(paramiko.common.cMSG_CHANNEL_OPEN)
+        message.add_string(STREAMLOCAL)
+        message.add_int(channel_id)
+        message.add_int(window)
+        message.add_int(max_packet)
+        message.add_string(path)
+        message.add_string("")
+        message.add_int(0)
+        channel = paramiko.Channel(channel_id)
+        transport._channels.put(channel_id, channel)
+        opened = transport.channel_events[channel_id] = threading.Event()
+        transport.channels_seen[channel_id] = True
+        channel._set_transport(transport)
+        channel._set_window(window, max_packet)
+    transport._send_user_message(message)
+    deadline = time.monotonic() + timeout_s
+    while not opened.wait(0.1):
+        if not transport.is_active():
+            raise transport.get_exception() or paramiko.SSHException("connection lost")
+        if time.monotonic() > deadline:
+            raise paramiko.SSHException(f"no answer to {STREAMLOCAL} within {timeout_s:.0f}s")
+    if transport._channels.get(channel_id) is None:
+        raise transport.get_exception() or paramiko.SSHException(f"{STREAMLOCAL} refused")
+    return channel
+
+
+class PortForward:
+    """A local listener whose connections each get their own SSH channel to the target."""
+
+    def __init__(self, host: RemoteHost, target: TcpTarget | UnixTarget, local_port: int = 0):
+        self.host = host
+        self.target = target
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", local_port))
+        self._listener.listen(16)
+        self._listener.settimeout(0.2)
+        self.local_port: int = self._listener.getsockname()[1]
+        self._acceptor = threading.Thread(target=self._accept, daemon=True,
+                                          name=f"forward-{host.name}-{self.local_port}")
+        self._acceptor.start()
+
+    def __enter__(self) -> PortForward:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._listener.close()
+        self._acceptor.join(timeout=2.0)
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection, origin = self._listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            try:
+                channel = self.host.open_channel_to(self.target, origin)
+            except RemoteHostError as error:
+                self.failures.append(str(error))
+                connection.close()
+                continue
+            threading.Thread(target=_relay, args=(connection, channel, self._stop),
+                             daemon=True).start()
+
+
+def _relay(connection: socket.socket, channel: paramiko.Channel, stop: threading.Event) -> None:
+    """Copy bytes both ways; an EOF on one side is passed on as a half-close."""
+    open_ends = {connection, channel}
+    try:
+        while open_ends and not stop.is_set():
+            readable, _, _ = select.select(list(open_ends), [], [], 0.2)
+            if connection in readable:
+                data = connection.recv(65536)
+                if data:
+                    channel.sendall(data)
+                else:
+                    channel.shutdown_write()
+                    open_ends.discard(connection)
+            if channel in readable:
+                data = channel.recv(65536)
+                if data:
+                    connection.sendall(data)
+                else:
+                    connection.shutdown(socket.SHUT_WR)
+                    open_ends.discard(channel)
+    except (OSError, EOFError, paramiko.SSHException):
+        pass
+    finally:
+        channel.close()
+        connection.close()
+
+
+@dataclass(frozen=True)
+class HostOutcome(Generic[T]):
+    host: str
+    seconds: float
+    value: T | None = None
+    error: HarnessError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class ParallelResult(Generic[T]):
+    what: str
+    outcomes: tuple[HostOutcome[T], ...]
+
+    @property
+    def failed(self) -> list[HostOutcome[T]]:
+        return [outcome for outcome in self.outcomes if not outcome.ok]
+
+    def summary(self) -> str:
+        lines = [f"{self.what}: {len(self.outcomes) - len(self.failed)} of "
+                 f"{len(self.outcomes)} hosts ok"]
+        for outcome in self.outcomes:
+            state = "ok" if outcome.ok else f"FAILED: {outcome.error}"
+            lines.append(f"  {outcome.host} ({outcome.seconds:.1f}s): {state}")
+        return "\n".join(lines)
+
+    def values(self) -> dict[str, T]:
+        """Each host's result; raises with the summary if any host failed."""
+        if self.failed:
+            raise RemoteHostError(self.summary())
+        return {outcome.host: outcome.value for outcome in self.outcomes}  # type: ignore[misc]
+
+
+def on_hosts(hosts: Sequence[RemoteHost], what: str,
+             action: Callable[[RemoteHost], T]) -> ParallelResult[T]:
+    """Run `action` on every host at once; HarnessErrors become per-host failures.
+
+    Any other exception is a bug and is raised (after every host finished) with its traceback.
+    """
+    def timed(host: RemoteHost) -> HostOutcome[T]:
+        started = time.monotonic()
+        try:
+            value = action(host)
+            return HostOutcome(host.name, time.monotonic() - started, value=value)
+        except HarnessError as error:
+            return HostOutcome(host.name, time.monotonic() - started, error=error)
+
+    with ThreadPoolExecutor(max_workers=max(1, len(hosts)),
+                            thread_name_prefix="on-hosts") as pool:
+        futures = [pool.submit(timed, host) for host in hosts]
+    return ParallelResult(what, tuple(future.result() for future in futures))
