@@ -32,9 +32,10 @@ CASES = [pytest.param("GVM_HOST_TREE_GIANTVM", HostBase.GIANTVM_MASTER, id="gian
 # objtool does not build with GNU make 4.3.
 CONFIG = ["-e", "VIRTUALIZATION", "-m", "KVM", "-m", "KVM_INTEL", "-e", "KVM_DSM",
           "-m", "INFINIBAND", "-e", "INFINIBAND_ADDR_TRANS", "-d", "STACK_VALIDATION"]
-# update_local and dsm_handle_send_upd_req are noinline; gcc may still clone them (.isra.0).
+# update_local, dsm_handle_send_upd_req and atomic_inc_install (the page-install rule) are
+# noinline; gcc may still clone them (.isra.0).
 NEW_SYMBOLS = ("send_upd_request", "update_local", "dsm_handle_send_upd_req", "atomic_inc_merge",
-               "__param_atomic_inc_mode")
+               "atomic_inc_install", "__param_atomic_inc_mode")
 _EXPORT = re.compile(r"(EXPORT_\w*SYMBOL\w*|STANDARD_PARAM_DEF)\(\s*(\w+)")
 _WARNING = re.compile(r"^(?P<file>[^\s:]+):(?P<line>\d+):\d+: warning: (?P<text>.*)$", re.M)
 
