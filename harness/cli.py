@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     for name, handler, text in (("probe", _probe, "probe the running guest and judge it"),
                                 ("down", _down, "stop the running guest")):
         sub = commands.add_parser(name, help=text)
-        sub.add_argument("--run", type=Path, help="run folder (default: the latest)")
+        sub.add_argument("--run", type=Path,
+                         help="run folder (default: the newest that started a guest)")
         sub.set_defaults(handler=handler)
     host = commands.add_parser("host-build", help="apply the host series to a Linux-DSM tree and "
                                                   "build its kvm (modules, or the whole kernel)")
@@ -98,8 +99,8 @@ def _status(args: argparse.Namespace, config: ClusterConfig, progress: Progress)
     if config.guest.kernel.patches is not None:
         series = pipeline.select_series(config.guest.kernel.patches, version)
         print(f"series {series.directory}: {series.status(tree).describe()}")
-    latest = RunFolder.latest(config.run_root)
-    if latest is None or not latest.file(pipeline.SESSION_FILE).is_file():
+    latest = RunFolder.newest_with(config.run_root, pipeline.SESSION_FILE)
+    if latest is None:
         print("no guest started yet")
         return 0
     session = pipeline.attach_session(config, latest)
@@ -150,9 +151,10 @@ def _up(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> 
 
 
 def _attached(args: argparse.Namespace, config: ClusterConfig) -> pipeline.GuestSession:
-    run = RunFolder(args.run.resolve()) if args.run else RunFolder.latest(config.run_root)
+    run = RunFolder(args.run.resolve()) if args.run else \
+        RunFolder.newest_with(config.run_root, pipeline.SESSION_FILE)
     if run is None:
-        raise HarnessError(f"no run folder under {config.run_root}; start a guest with `up`")
+        raise HarnessError(f"no guest was started under {config.run_root}; start one with `up`")
     return pipeline.attach_session(config, run)
 
 

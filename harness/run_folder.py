@@ -29,9 +29,13 @@ class RunFolder:
         return cls(path)
 
     @classmethod
-    def latest(cls, root: Path) -> "RunFolder | None":
-        latest = root / "latest"
-        return cls(latest.resolve()) if latest.is_symlink() and latest.resolve().is_dir() else None
+    def newest_with(cls, root: Path, name: str) -> "RunFolder | None":
+        """The newest run that holds `name`: `latest` may be a build-only or model-check run."""
+        if not root.is_dir():
+            return None
+        runs = sorted((p for p in root.iterdir() if p.is_dir() and not p.is_symlink()),
+                      key=lambda p: p.name, reverse=True)
+        return next((cls(p) for p in runs if (p / name).is_file()), None)
 
     def file(self, name: str) -> Path:
         return self.path / name

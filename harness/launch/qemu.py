@@ -89,10 +89,10 @@ class QemuGuest:
         if self.process is not None:
             return self.process.poll()
         try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
+            state = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, IndexError):
             return -1
-        return None
+        return -1 if state in ("Z", "X") else None
 
     def wait_for_socket(self, path: Path, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

@@ -30,7 +30,7 @@ def test_bad_config_exits_2_with_the_reason(tmp_path: Path, capsys) -> None:
 
 def test_probe_without_a_run_exits_2(config_file: Path, capsys) -> None:
     assert main(["--config", str(config_file), "probe"]) == 2
-    assert "start a guest with `up`" in capsys.readouterr().err
+    assert "start one with `up`" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(shutil.which("spin") is None, reason="spin is not installed (./gvm setup)")

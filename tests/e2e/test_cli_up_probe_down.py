@@ -1,0 +1,38 @@
+"""`up`, `status`, `probe` and `down` as separate commands: a later command reattaches to the
+guest an earlier one left running, and `down` stops it."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness.cli import main
+from harness import pipeline
+from harness.config import DEFAULT_CONFIG, load_config
+from harness.run_folder import RunFolder
+
+pytestmark = pytest.mark.e2e
+
+
+def test_up_status_probe_down(tmp_path: Path, guest_kernel, capsys) -> None:
+    data = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    data["run_dir"] = str(tmp_path / "runs")
+    data["guest"]["kernel"]["patches"] = str(DEFAULT_CONFIG.parent.parent / "guest_patches")
+    data["guest"]["kernel"]["config"]["fragments"] = [
+        str(DEFAULT_CONFIG.parent / f) for f in data["guest"]["kernel"]["config"]["fragments"]]
+    data["probe"]["rounds"] = 5
+    config = tmp_path / "updown.yaml"
+    config.write_text(yaml.safe_dump(data))
+    arguments = ["--config", str(config)]
+    assert main(arguments + ["up"]) == 0
+    run = RunFolder.newest_with(tmp_path / "runs", "session.json")
+    try:
+        RunFolder.create(tmp_path / "runs", "a-later-build-only-run")
+        assert main(arguments + ["status"]) == 0
+        assert "guest running" in capsys.readouterr().out
+        assert main(arguments + ["probe"]) == 0
+        assert "VERDICT: PASS" in capsys.readouterr().out
+        assert run.file("junit.xml").is_file()
+    finally:
+        assert main(arguments + ["down"]) == 0
+    assert pipeline.attach_session(load_config(config), run).guest.exit_status() is not None
