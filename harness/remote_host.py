@@ -532,11 +532,11 @@ class PortForward:
                 self.failures.append(str(error))
                 connection.close()
                 continue
-            threading.Thread(target=_relay, args=(connection, channel, self._stop),
+            threading.Thread(target=relay, args=(connection, channel, self._stop),
                              daemon=True).start()
 
 
-def _relay(connection: socket.socket, channel: paramiko.Channel, stop: threading.Event) -> None:
+def relay(connection: socket.socket, channel: paramiko.Channel, stop: threading.Event) -> None:
     """Copy bytes both ways; an EOF on one side is passed on as a half-close."""
     open_ends = {connection, channel}
     try:

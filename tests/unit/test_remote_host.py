@@ -20,7 +20,7 @@ from harness.errors import HarnessError
 from harness.launch.qemu import free_loopback_port
 from harness.remote_host import (
     HostKeyError, HostUnreachable, RemoteCommandError, RemoteHost, RemoteHostError,
-    RemoteHostSpec, RemoteResult, _PinnedKeys, _relay, _TrustOnFirstUse, fingerprint, on_hosts)
+    RemoteHostSpec, RemoteResult, _PinnedKeys, _TrustOnFirstUse, relay, fingerprint, on_hosts)
 
 
 def test_spec_from_the_cluster_config_and_its_checks(tmp_path: Path) -> None:
@@ -108,7 +108,7 @@ def test_trust_on_first_use_writes_the_key_it_accepts(tmp_path: Path, rsa_key) -
 
 
 class SocketChannel:
-    """The part of paramiko.Channel that `_relay` uses, over a plain socket."""
+    """The part of paramiko.Channel that `relay` uses, over a plain socket."""
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -141,16 +141,16 @@ def test_relay_passes_data_and_half_closes_both_ways() -> None:
     local, relay_end = socket.socketpair()
     channel_end, remote = socket.socketpair()
     stop = threading.Event()
-    relay = threading.Thread(target=_relay, args=(relay_end, SocketChannel(channel_end), stop))
-    relay.start()
+    worker = threading.Thread(target=relay, args=(relay_end, SocketChannel(channel_end), stop))
+    worker.start()
     local.sendall(b"request")
     local.shutdown(socket.SHUT_WR)
     assert read_all(remote) == b"request"  # EOF arrived: the client's half-close was passed on
     remote.sendall(b"answer after the client's EOF")
     remote.close()
     assert read_all(local) == b"answer after the client's EOF"
-    relay.join(timeout=5)
-    assert not relay.is_alive()
+    worker.join(timeout=5)
+    assert not worker.is_alive()
     local.close()
 
 
