@@ -103,10 +103,13 @@ def _status(args: argparse.Namespace, config: ClusterConfig, progress: Progress)
     if latest is None:
         print("no guest started yet")
         return 0
-    session = pipeline.attach_session(config, latest)
-    alive = session.guest.exit_status() is None
-    print(f"latest run: {latest.path}: guest {'running' if alive else 'stopped'} "
-          f"(pid {session.record.pid}, ssh port {session.record.ssh_port})")
+    session = pipeline.attach_session(config, latest, forwards=False)
+    try:
+        alive = session.guest.exit_status() is None
+    finally:
+        session.detach()
+    print(f"latest run: {latest.path}: guest {'running' if alive else 'stopped'} on "
+          f"{session.record.host} (pid {session.record.pid})")
     return 0
 
 
@@ -142,20 +145,23 @@ def _up(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> 
     except BaseException:
         session.close()
         raise
-    session.disconnect()
-    progress.say(f"guest is up (QEMU pid {session.record.pid}); run folder: {run.path}\n"
-                 f"    ssh -i {session.record.client_key} -p {session.record.ssh_port} "
-                 f"-o StrictHostKeyChecking=no root@127.0.0.1\n"
-                 f"    then: python -m harness probe; python -m harness down")
+    session.detach()
+    progress.say(f"guest is up on {session.record.host} (pid {session.record.pid}); "
+                 f"run folder: {run.path}")
+    if session.record.remote is None:
+        progress.say(f"    ssh -i {session.record.client_key} -p {session.record.ssh_port} "
+                     f"-o StrictHostKeyChecking=no root@127.0.0.1")
+    progress.say("    then: ./gvm probe; ./gvm down")
     return 0
 
 
-def _attached(args: argparse.Namespace, config: ClusterConfig) -> pipeline.GuestSession:
+def _attached(args: argparse.Namespace, config: ClusterConfig,
+              forwards: bool = True) -> pipeline.GuestSession:
     run = RunFolder(args.run.resolve()) if args.run else \
         RunFolder.newest_with(config.run_root, pipeline.SESSION_FILE)
     if run is None:
         raise HarnessError(f"no guest was started under {config.run_root}; start one with `up`")
-    return pipeline.attach_session(config, run)
+    return pipeline.attach_session(config, run, forwards=forwards)
 
 
 def _probe(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
@@ -164,12 +170,12 @@ def _probe(args: argparse.Namespace, config: ClusterConfig, progress: Progress) 
     try:
         samples = pipeline.probe_guest(session, config, progress)
     finally:
-        session.disconnect()
+        session.detach()
     return _report(pipeline.judge(samples, session.record.hz, config, session.run), session.run)
 
 
 def _down(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
-    session = _attached(args, config)
+    session = _attached(args, config, forwards=False)
     session.close()
     progress.say(f"stopped the guest of {session.run.path}")
     return 0
@@ -182,7 +188,7 @@ def _run(args: argparse.Namespace, config: ClusterConfig, progress: Progress) ->
         samples = pipeline.probe_guest(session, config, progress)
     finally:
         if args.keep:
-            session.disconnect()
+            session.detach()
         else:
             session.close()
     return _report(pipeline.judge(samples, session.record.hz, config, run), run)

@@ -27,7 +27,11 @@ PROBE_TRANSPORTS = ("ssh", "serial")
 
 @dataclass(frozen=True)
 class HostConfig:
-    """A machine that runs QEMU: `local` is this machine, anything else is reached over SSH."""
+    """A machine that runs QEMU: `local` is this machine, anything else is reached over SSH.
+
+    Host keys are pinned: the host must already be in `known_hosts`, unless
+    `trust_on_first_use` is set, which records the key seen on the first connection.
+    """
 
     name: str
     address: str
@@ -35,6 +39,9 @@ class HostConfig:
     port: int
     key_file: Path | None
     work_dir: str
+    known_hosts: Path = Path("~/.ssh/known_hosts").expanduser()
+    trust_on_first_use: bool = False
+    sudo: bool = False
 
     @property
     def is_local(self) -> bool:
@@ -155,6 +162,12 @@ class _Section:
             raise self.error(key, f"expected a number from {low} to {high}, got {value!r}")
         return float(value)
 
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            raise self.error(key, f"expected true or false, got {value!r}")
+        return value
+
     def path(self, key: str, default: Any = None) -> Path | None:
         value = self._get(key, default)
         if value is None:
@@ -220,9 +233,6 @@ def parse_config(path: Path, data: Any) -> ClusterConfig:
     names = [host.name for host in hosts]
     if len(set(names)) != len(names):
         raise top.error("hosts", f"host names must be unique, got {names}")
-    if vm.launcher == "qemu" and not hosts[0].is_local:
-        raise top.error("hosts", "the stock-QEMU launcher runs on this machine only for now; "
-                                 "set the first host's address to 'local'")
     if vm.launcher == "giantvm":
         raise top.error("vm.launcher", "'giantvm' needs VT-x hosts and the multi-host deploy, "
                                        "which this version does not drive yet; use 'qemu'")
@@ -252,6 +262,9 @@ def _parse_host(section: _Section) -> HostConfig:
         port=section.integer("port", 22, 1, 65535),
         key_file=section.path("key_file"),
         work_dir=section.string("work_dir", default="/tmp/gvm-harness"),
+        known_hosts=section.path("known_hosts", default="~/.ssh/known_hosts"),
+        trust_on_first_use=section.boolean("trust_on_first_use", False),
+        sudo=section.boolean("sudo", False),
     )
     section.done()
     return host

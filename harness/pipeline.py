@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from harness import rootfs
 from harness.build import KernelBuildResult, KernelBuildSpec, build_kernel, read_config_options
 from harness.checks.jiffies import Verdict, check_samples
-from harness.config import ClusterConfig
+from harness.config import ClusterConfig, HostConfig
 from harness.console import SerialConsole
 from harness.errors import BootError, HarnessError
 from harness.guest_ssh import GuestSSH, SSHTarget
@@ -23,8 +23,11 @@ from harness.kernel_source import KernelVersion, kernel_version, resolve_tree, s
 from harness.launch import BootSpec, GuestEndpoints
 from harness.launch.accel import choose_accelerator
 from harness.launch.qemu import QemuGuest, QemuLauncher, free_loopback_port
+from harness.launch.remote_qemu import (RemoteGuestState, RemoteQemuGuest, RemoteQemuLauncher,
+                                        free_remote_port)
 from harness.patches import ApplyOutcome, PatchSeries
 from harness.probes.jiffies import JiffiesProbe, JiffiesSample
+from harness.remote_host import RemoteHost, RemoteHostSpec
 from harness.progress import Progress
 from harness.report import plot_skew, verdict_table, write_junit
 from harness.run_folder import RunFolder
@@ -98,12 +101,14 @@ class SessionRecord:
     vcpus: int
     vcpus_per_node: int
     hz: int
+    host: str = "local"
+    remote: dict | None = None  # RemoteGuestState of a guest on a remote host
 
 
 class GuestSession:
     """A booted guest with its console and SSH connections; `close` stops QEMU too."""
 
-    def __init__(self, record: SessionRecord, guest: QemuGuest, run: RunFolder,
+    def __init__(self, record: SessionRecord, guest: QemuGuest | RemoteQemuGuest, run: RunFolder,
                  command_timeout_s: float):
         self.record = record
         self.guest = guest
@@ -145,9 +150,18 @@ class GuestSession:
                 connection.close()
         self.console = self.ssh = None
 
+    def detach(self) -> None:
+        """Let go of the guest but leave it running, for a later `probe` or `down`."""
+        self.disconnect()
+        if isinstance(self.guest, RemoteQemuGuest):
+            self.guest.close_local()
+            self.guest.host.close()
+
     def close(self) -> None:
         self.disconnect()
         self.guest.stop()
+        if isinstance(self.guest, RemoteQemuGuest):
+            self.guest.host.close()
 
 
 def boot_timeout(config: ClusterConfig, accelerator: str, seconds: float) -> float:
@@ -159,33 +173,49 @@ def boot_guest(config: ClusterConfig, kernel: Path, hz: int, run: RunFolder, pro
     """Boot the guest and wait until init says it is ready (or the kernel dies, or time runs out)."""
     with progress.step("build initramfs (busybox, dropbear, this run's keys)"):
         initramfs = rootfs.build_initramfs(run.path)
-    accelerator = choose_accelerator(config.vm.accel, config.vm.qemu_binary, kernel,
-                                     run.file("accel-probe.log"), config.cache_dir)
-    launcher = QemuLauncher(
-        qemu_binary=config.vm.qemu_binary, accelerator=accelerator,
-        boot=BootSpec(kernel=kernel, initrd=initramfs.path,
-                      cmdline=cmdline or config.guest.cmdline, vcpus=config.vm.vcpus,
-                      memory_mb=config.vm.memory_mb),
-        run_dir=run.path, ssh_port=free_loopback_port())
-    run.write_json("launch.json", {"accelerator": accelerator,
+    boot = BootSpec(kernel=kernel, initrd=initramfs.path, cmdline=cmdline or config.guest.cmdline,
+                    vcpus=config.vm.vcpus, memory_mb=config.vm.memory_mb)
+    host = config.hosts[0]
+    if host.is_local:
+        accelerator = choose_accelerator(config.vm.accel, config.vm.qemu_binary, kernel,
+                                         run.file("accel-probe.log"), config.cache_dir)
+        launcher: QemuLauncher | RemoteQemuLauncher = QemuLauncher(
+            qemu_binary=config.vm.qemu_binary, accelerator=accelerator, boot=boot,
+            run_dir=run.path, ssh_port=free_loopback_port())
+    else:
+        # No KVM test boot on remote hosts yet: `auto` means TCG there.
+        accelerator = "tcg" if config.vm.accel == "auto" else config.vm.accel
+        remote = connect_host(host)
+        launcher = RemoteQemuLauncher(host=remote, qemu_binary=config.vm.qemu_binary,
+                                      boot=boot, local_dir=run.path,
+                                      remote_ssh_port=free_remote_port(remote),
+                                      accelerator=accelerator)
+    run.write_json("launch.json", {"accelerator": accelerator, "host": host.name,
                                    "command_lines": launcher.command_lines()})
     credentials = initramfs.credentials
     timeout = boot_timeout(config, accelerator, config.timeouts.boot_s)
-    with progress.step(f"boot {config.vm.vcpus} vCPUs under {accelerator.upper()} "
-                       f"(console: {launcher.endpoints.kernel_console_log})"):
-        guest = launcher.start()
+    with progress.step(f"boot {config.vm.vcpus} vCPUs under {accelerator.upper()} on "
+                       f"{host.name} (console: {run.file('console-kernel.log')})"):
+        try:
+            guest = launcher.start()
+        except BaseException:
+            if isinstance(launcher, RemoteQemuLauncher):
+                launcher.host.close()
+            raise
+        endpoints = guest.endpoints
         record = SessionRecord(
             pid=guest.pid, accelerator=accelerator,
-            kernel_console_log=str(launcher.endpoints.kernel_console_log),
-            shell_socket=str(launcher.endpoints.shell_socket),
-            ssh_port=launcher.endpoints.ssh_port, root_password=credentials.root_password,
+            kernel_console_log=str(endpoints.kernel_console_log),
+            shell_socket=str(endpoints.shell_socket),
+            ssh_port=endpoints.ssh_port, root_password=credentials.root_password,
             client_key=str(credentials.client_key), host_key_type=credentials.host_key_type,
             host_key_base64=credentials.host_key_base64, vcpus=config.vm.vcpus,
-            vcpus_per_node=config.vm.vcpus_per_node, hz=hz)
+            vcpus_per_node=config.vm.vcpus_per_node, hz=hz, host=host.name,
+            remote=guest.state.to_dict() if isinstance(guest, RemoteQemuGuest) else None)
         run.write_json(SESSION_FILE, asdict(record))
         session = GuestSession(record, guest, run, config.timeouts.command_s)
         try:
-            _wait_for_ready(session, launcher.endpoints, timeout, progress)
+            _wait_for_ready(session, endpoints, timeout, progress)
         except BaseException:
             session.close()
             raise
@@ -205,15 +235,32 @@ def _wait_for_ready(session: GuestSession, endpoints: GuestEndpoints, timeout_s:
         time.sleep(0.1)
 
 
-def attach_session(config: ClusterConfig, run: RunFolder) -> GuestSession:
+def connect_host(host: HostConfig) -> RemoteHost:
+    remote = RemoteHost(RemoteHostSpec.from_host_config(
+        host, host.known_hosts, trust_on_first_use=host.trust_on_first_use, sudo=host.sudo))
+    remote.connect()
+    return remote
+
+
+def attach_session(config: ClusterConfig, run: RunFolder, forwards: bool = True) -> GuestSession:
+    """Reattach to the guest `up` left running; `forwards=False` is enough to check or stop it."""
     if not run.file(SESSION_FILE).is_file():
         raise HarnessError(f"{run.path} has no {SESSION_FILE}: no guest was started from it")
     record = SessionRecord(**run.read_json(SESSION_FILE))
-    guest = QemuGuest(endpoints=GuestEndpoints(Path(record.kernel_console_log),
-                                               Path(record.shell_socket), "127.0.0.1",
-                                               record.ssh_port),
-                      accelerator=record.accelerator, pid=record.pid,
-                      qemu_log=run.file("qemu.log"))
+    if record.remote is None:
+        guest: QemuGuest | RemoteQemuGuest = QemuGuest(
+            endpoints=GuestEndpoints(Path(record.kernel_console_log), Path(record.shell_socket),
+                                     "127.0.0.1", record.ssh_port),
+            accelerator=record.accelerator, pid=record.pid, qemu_log=run.file("qemu.log"))
+        return GuestSession(record, guest, run, config.timeouts.command_s)
+    hosts = {host.name: host for host in config.hosts}
+    if record.host not in hosts:
+        raise HarnessError(f"{run.path} ran its guest on host '{record.host}', which "
+                           f"{config.path} no longer names")
+    remote = connect_host(hosts[record.host])
+    state = RemoteGuestState(**record.remote)
+    guest = RemoteQemuGuest.attach(remote, state) if forwards else RemoteQemuGuest(remote, state)
+    record = replace(record, ssh_port=guest.endpoints.ssh_port)
     return GuestSession(record, guest, run, config.timeouts.command_s)
 
 

@@ -41,8 +41,8 @@ def test_embedded_default_loads() -> None:
      r"guest.kernel.patches: .*no-such-dir is not a directory"),
     (lambda d: d.update(hosts=[{"name": "a", "address": "not a host!"}]),
      r"hosts\[0\].address: 'not a host!' is neither"),
-    (lambda d: d.update(hosts=[{"name": "a", "address": "10.0.0.1"}]),
-     r"hosts: the stock-QEMU launcher runs on this machine only"),
+    (lambda d: d.update(hosts=[{"name": "a", "address": "10.0.0.1", "sudo": "yes"}]),
+     r"hosts\[0\].sudo: expected true or false"),
     (lambda d: d.update(hosts=[{"name": "a", "address": "local"}, {"name": "a", "address": "local"}]),
      r"hosts: host names must be unique"),
     (lambda d: d["timeouts"].update(boot_s=True), r"timeouts.boot_s: expected a number"),
@@ -73,3 +73,13 @@ def test_missing_and_broken_files(tmp_path: Path) -> None:
     (tmp_path / "list.yaml").write_text("- 1\n")
     with pytest.raises(ConfigError, match=r"\(top level\): expected a mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+def test_remote_host_fields() -> None:
+    data = base()
+    data["hosts"] = [{"name": "node0", "address": "10.231.7.2", "user": "gvm", "port": 2222,
+                      "key_file": "/keys/id", "known_hosts": "/keys/known", "sudo": True}]
+    (host,) = parse(data).hosts
+    assert (host.address, host.user, host.port, host.sudo) == ("10.231.7.2", "gvm", 2222, True)
+    assert host.key_file == Path("/keys/id") and host.known_hosts == Path("/keys/known")
+    assert not host.is_local and not host.trust_on_first_use
