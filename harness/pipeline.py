@@ -186,10 +186,14 @@ def boot_guest(config: ClusterConfig, kernel: Path, hz: int, run: RunFolder, pro
         # No KVM test boot on remote hosts yet: `auto` means TCG there.
         accelerator = "tcg" if config.vm.accel == "auto" else config.vm.accel
         remote = connect_host(host)
-        launcher = RemoteQemuLauncher(host=remote, qemu_binary=config.vm.qemu_binary,
-                                      boot=boot, local_dir=run.path,
-                                      remote_ssh_port=free_remote_port(remote),
-                                      accelerator=accelerator)
+        try:
+            launcher = RemoteQemuLauncher(host=remote, qemu_binary=config.vm.qemu_binary,
+                                          boot=boot, local_dir=run.path,
+                                          remote_ssh_port=free_remote_port(remote),
+                                          accelerator=accelerator)
+        except BaseException:
+            remote.close()
+            raise
     run.write_json("launch.json", {"accelerator": accelerator, "host": host.name,
                                    "command_lines": launcher.command_lines()})
     credentials = initramfs.credentials
@@ -212,7 +216,7 @@ def boot_guest(config: ClusterConfig, kernel: Path, hz: int, run: RunFolder, pro
             host_key_base64=credentials.host_key_base64, vcpus=config.vm.vcpus,
             vcpus_per_node=config.vm.vcpus_per_node, hz=hz, host=host.name,
             remote=guest.state.to_dict() if isinstance(guest, RemoteQemuGuest) else None)
-        run.write_json(SESSION_FILE, asdict(record))
+        run.write_json(SESSION_FILE, asdict(record)).chmod(0o600)  # holds the root password
         session = GuestSession(record, guest, run, config.timeouts.command_s)
         try:
             _wait_for_ready(session, endpoints, timeout, progress)

@@ -26,6 +26,7 @@ def test_up_status_probe_down(tmp_path: Path, guest_kernel, capsys) -> None:
     arguments = ["--config", str(config)]
     assert main(arguments + ["up"]) == 0
     run = RunFolder.newest_with(tmp_path / "runs", "session.json")
+    assert run.file("session.json").stat().st_mode & 0o077 == 0  # it holds the root password
     try:
         RunFolder.create(tmp_path / "runs", "a-later-build-only-run")
         assert main(arguments + ["status"]) == 0
