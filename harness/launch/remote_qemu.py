@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from harness.deploy import ARTIFACT_DIR, artifact_path, sha256_file, upload_file
 from harness.errors import BootError
@@ -76,6 +76,15 @@ def used_ports(proc_net_tcp: str) -> set[int]:
         if len(fields) > 2 and fields[0].endswith(":") and ":" in fields[1]:
             ports.add(int(fields[1].rsplit(":", 1)[1], 16))
     return ports
+
+
+def exit_recording_argv(argv: Sequence[str], exit_file: str) -> list[str]:
+    """`argv` under an `sh` that writes its exit code to `exit_file`, so a later look can tell a
+    crash (signal) from a clean exit even after the process is gone."""
+    quoted = shlex.quote(exit_file)
+    record = (f'"$0" "$@"; s=$?; echo "$s" > {quoted}.tmp && mv {quoted}.tmp {quoted}; '
+              'exit "$s"')
+    return ["sh", "-c", record, *argv]
 
 
 def exit_code(text: str) -> int:
@@ -187,10 +196,7 @@ class RemoteQemuLauncher:
     def remote_argv(self) -> list[str]:
         """What is started detached: QEMU's line under an `sh` that records its exit code."""
         (qemu,) = self.command_lines()
-        exit_file = shlex.quote(self.exit_file)
-        record = (f'"$0" "$@"; s=$?; echo "$s" > {exit_file}.tmp && mv {exit_file}.tmp '
-                  f'{exit_file}; exit "$s"')
-        return ["sh", "-c", record, *qemu]
+        return exit_recording_argv(qemu, self.exit_file)
 
     def state(self, process: DetachedProcess) -> RemoteGuestState:
         remote = self.remote_endpoints

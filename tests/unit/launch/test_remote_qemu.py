@@ -25,6 +25,7 @@ from harness.launch.remote_qemu import (
 from harness.remote_host import (
     DetachedProcess, HostKeyError, RemoteHost, RemoteHostError, RemoteHostSpec, RemoteResult,
     TcpTarget, UnixTarget)
+from tests.fakes import FakeForward
 
 PROC_NET_TCP = """\
   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
@@ -278,16 +279,6 @@ def test_the_unix_socket_forward_relays_each_connection_to_the_target(tmp_path) 
     with socket.socket(socket.AF_UNIX) as client, pytest.raises(FileNotFoundError):
         client.connect(str(path))
     forward.close()  # twice is fine
-
-
-@dataclass
-class FakeForward:
-    target: object
-    local_port: int
-    closed: bool = False
-
-    def close(self) -> None:
-        self.closed = True
 
 
 @dataclass
