@@ -444,10 +444,12 @@ class RemoteHost:
             raise RemoteHostError(f"{self.spec.where}: forwarding to {target} failed: "
                                   f"{error}") from None
 
-    def forward(self, target: TcpTarget | UnixTarget, local_port: int = 0) -> PortForward:
-        """Listen on 127.0.0.1:local_port here; each connection is relayed to `target`."""
+    def forward(self, target: TcpTarget | UnixTarget, local_port: int = 0,
+                local_path: Path | None = None) -> PortForward:
+        """Listen on 127.0.0.1:local_port (or the unix socket local_path) here; each connection
+        is relayed to `target`."""
         self._transport()
-        return PortForward(self, target, local_port)
+        return PortForward(self, target, local_port, local_path)
 
 
 def _open_streamlocal(transport: paramiko.Transport, path: str,
@@ -490,21 +492,39 @@ def _open_streamlocal(transport: paramiko.Transport, path: str,
 
 
 class PortForward:
-    """A local listener whose connections each get their own SSH channel to the target."""
+    """A local listener whose connections each get their own SSH channel to the target.
 
-    def __init__(self, host: RemoteHost, target: TcpTarget | UnixTarget, local_port: int = 0):
+    It listens on 127.0.0.1:`local_port`, or on the unix socket `local_path` when one is given
+    (the serial console is a unix socket for SerialConsole, wherever QEMU runs).
+    """
+
+    def __init__(self, host: RemoteHost, target: TcpTarget | UnixTarget, local_port: int = 0,
+                 local_path: Path | None = None):
         self.host = host
         self.target = target
+        self.local_path = local_path
         self.failures: list[str] = []
         self._stop = threading.Event()
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", local_port))
+        self._relays: list[threading.Thread] = []
+        if local_path is None:
+            self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            address: str | tuple[str, int] = ("127.0.0.1", local_port)
+        else:
+            local_path.unlink(missing_ok=True)
+            self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            address = str(local_path)
+        try:
+            self._listener.bind(address)
+        except OSError:
+            self._listener.close()
+            raise
         self._listener.listen(16)
         self._listener.settimeout(0.2)
-        self.local_port: int = self._listener.getsockname()[1]
-        self._acceptor = threading.Thread(target=self._accept, daemon=True,
-                                          name=f"forward-{host.name}-{self.local_port}")
+        self.local_port: int = self._listener.getsockname()[1] if local_path is None else 0
+        self._acceptor = threading.Thread(
+            target=self._accept, daemon=True,
+            name=f"forward-{host.name}-{local_path.name if local_path else self.local_port}")
         self._acceptor.start()
 
     def __enter__(self) -> PortForward:
@@ -513,10 +533,18 @@ class PortForward:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    @property
+    def closed(self) -> bool:
+        return self._stop.is_set()
+
     def close(self) -> None:
         self._stop.set()
         self._listener.close()
         self._acceptor.join(timeout=2.0)
+        for worker in self._relays:
+            worker.join(timeout=2.0)
+        if self.local_path is not None:
+            self.local_path.unlink(missing_ok=True)
 
     def _accept(self) -> None:
         while not self._stop.is_set():
@@ -527,13 +555,16 @@ class PortForward:
             except OSError:
                 return
             try:
-                channel = self.host.open_channel_to(self.target, origin)
+                channel = self.host.open_channel_to(
+                    self.target, origin if self.local_path is None else ("127.0.0.1", 0))
             except RemoteHostError as error:
                 self.failures.append(str(error))
                 connection.close()
                 continue
-            threading.Thread(target=relay, args=(connection, channel, self._stop),
-                             daemon=True).start()
+            worker = threading.Thread(target=relay, args=(connection, channel, self._stop),
+                                      daemon=True)
+            self._relays = [thread for thread in self._relays if thread.is_alive()] + [worker]
+            worker.start()
 
 
 def relay(connection: socket.socket, channel: paramiko.Channel, stop: threading.Event) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import random
 import re
 import shlex
-import socket
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,7 +36,7 @@ from harness.errors import BootError
 from harness.launch import BootSpec, GuestEndpoints
 from harness.launch.qemu import QemuLauncher
 from harness.remote_host import (
-    DetachedProcess, PortForward, RemoteHost, RemoteHostError, TcpTarget, UnixTarget, relay)
+    DetachedProcess, PortForward, RemoteHost, RemoteHostError, TcpTarget, UnixTarget)
 
 REMOTE_RUNS = "runs"  # under the host's work_dir: one directory per run
 EXIT_FILE = "qemu.exit"
@@ -300,67 +299,6 @@ class ConsoleTail:
             self.poll()
 
 
-class UnixSocketForward:
-    """A local unix socket whose connections each get an SSH channel to `target`."""
-
-    def __init__(self, host: RemoteHost, target: UnixTarget | TcpTarget, path: Path):
-        self.host = host
-        self.target = target
-        self.path = path
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._relays: list[threading.Thread] = []
-        path.unlink(missing_ok=True)
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self._listener.bind(str(path))
-        except OSError:
-            self._listener.close()
-            raise
-        self._listener.listen(4)
-        self._listener.settimeout(0.2)
-        self._acceptor = threading.Thread(target=self._accept, daemon=True,
-                                          name=f"forward-{host.name}-{path.name}")
-        self._acceptor.start()
-
-    def __enter__(self) -> UnixSocketForward:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._listener.close()
-        self._acceptor.join(timeout=2.0)
-        for worker in self._relays:
-            worker.join(timeout=2.0)
-        self.path.unlink(missing_ok=True)
-
-    @property
-    def closed(self) -> bool:
-        return self._stop.is_set()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                connection, _ = self._listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            try:
-                channel = self.host.open_channel_to(self.target)
-            except RemoteHostError as error:
-                self.failures.append(str(error))
-                connection.close()
-                continue
-            worker = threading.Thread(target=relay, args=(connection, channel, self._stop),
-                                      daemon=True)
-            self._relays = [thread for thread in self._relays if thread.is_alive()] + [worker]
-            worker.start()
-
-
 @dataclass
 class RemoteQemuGuest:
     """A QEMU running on a remote host, with local forwards to its consoles and SSH."""
@@ -369,7 +307,7 @@ class RemoteQemuGuest:
     state: RemoteGuestState
     endpoints: GuestEndpoints = field(init=False)
     tail: ConsoleTail | None = field(default=None, init=False, repr=False)
-    shell_forward: UnixSocketForward | None = field(default=None, init=False, repr=False)
+    shell_forward: PortForward | None = field(default=None, init=False, repr=False)
     ssh_forward: PortForward | None = field(default=None, init=False, repr=False)
     stop_outcome: str | None = field(default=None, init=False)
     _status: int | None = field(default=None, init=False, repr=False)
@@ -408,9 +346,8 @@ class RemoteQemuGuest:
             self.tail = ConsoleTail(self._read_console, Path(self.state.local_console_log),
                                     fresh=fresh)
             self.tail.poll()
-            self.shell_forward = UnixSocketForward(self.host,
-                                                   UnixTarget(self.state.remote_shell_socket),
-                                                   Path(self.state.local_shell_socket))
+            self.shell_forward = self.host.forward(UnixTarget(self.state.remote_shell_socket),
+                                                   local_path=Path(self.state.local_shell_socket))
             self.ssh_forward = self.host.forward(TcpTarget(self.state.remote_ssh_port),
                                                  self.state.local_ssh_port)
         except BaseException:

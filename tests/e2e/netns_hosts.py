@@ -22,8 +22,12 @@ import signal
 import socket
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
+
+import pytest
 
 SSHD = "/usr/sbin/sshd"
 SUBNET_PREFIX = "10.231"
@@ -230,3 +234,17 @@ def _kill(pid: int, signum: int) -> None:
         os.kill(pid, signum)
     except ProcessLookupError:
         pass
+
+
+@contextmanager
+def lab_or_skip(root: Path, count: int) -> Iterator[NetnsLab]:
+    """A lab of `count` hosts for a fixture: skips the tests where none can be made, and always
+    tears it down."""
+    try:
+        lab = NetnsLab.create(root, count=count)
+    except LabUnavailable as reason:
+        pytest.skip(f"no network-namespace hosts here: {reason}")
+    try:
+        yield lab
+    finally:
+        lab.close()

@@ -9,21 +9,15 @@ import yaml
 
 from harness.cli import main
 from harness.config import DEFAULT_CONFIG
-from tests.e2e.netns_hosts import LabUnavailable, NetnsHost, NetnsLab
+from tests.e2e.netns_hosts import NetnsHost, NetnsLab, lab_or_skip
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetnsLab]:
-    try:
-        lab = NetnsLab.create(tmp_path_factory.mktemp("netns"), count=1)
-    except LabUnavailable as reason:
-        pytest.skip(f"no network-namespace hosts here: {reason}")
-    try:
+    with lab_or_skip(tmp_path_factory.mktemp("netns"), count=1) as lab:
         yield lab
-    finally:
-        lab.close()
 
 
 def qemu_in(host: NetnsHost, lab: NetnsLab) -> list[int]:

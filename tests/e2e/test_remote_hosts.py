@@ -25,7 +25,7 @@ from harness.launch.giantvm import (
 from harness.remote_host import (
     HostKeyError, HostUnreachable, RemoteHost, RemoteHostError, RemoteHostSpec, RemoteTimeout,
     TcpTarget, UnixTarget, on_hosts)
-from tests.e2e.netns_hosts import LabUnavailable, NetnsHost, NetnsLab
+from tests.e2e.netns_hosts import NetnsHost, NetnsLab, lab_or_skip
 
 pytestmark = pytest.mark.e2e
 
@@ -59,15 +59,9 @@ while True:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetnsLab]:
     root = tmp_path_factory.mktemp("netns")
-    try:
-        lab = NetnsLab.create(root, count=3)
-    except LabUnavailable as reason:
-        pytest.skip(f"no network-namespace hosts here: {reason}")
-    (root / "echo_server.py").write_text(ECHO_SERVER)
-    try:
+    with lab_or_skip(root, count=3) as lab:
+        (root / "echo_server.py").write_text(ECHO_SERVER)
         yield lab
-    finally:
-        lab.close()
 
 
 def spec(lab: NetnsLab, host: NetnsHost, **overrides) -> RemoteHostSpec:

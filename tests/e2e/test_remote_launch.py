@@ -30,7 +30,7 @@ from harness.launch.remote_qemu import (
 from harness.probes.jiffies import JiffiesProbe
 from harness.remote_host import (
     HostKeyError, HostUnreachable, RemoteHost, RemoteHostError, RemoteHostSpec)
-from tests.e2e.netns_hosts import LabUnavailable, NetnsHost, NetnsLab
+from tests.e2e.netns_hosts import NetnsHost, NetnsLab, lab_or_skip
 
 pytestmark = pytest.mark.e2e
 
@@ -42,14 +42,8 @@ QEMU_COMM = "qemu-system-x86"  # /proc/<pid>/comm is cut at 15 characters
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetnsLab]:
-    try:
-        lab = NetnsLab.create(tmp_path_factory.mktemp("netns"), count=2)
-    except LabUnavailable as reason:
-        pytest.skip(f"no network-namespace hosts here: {reason}")
-    try:
+    with lab_or_skip(tmp_path_factory.mktemp("netns"), count=2) as lab:
         yield lab
-    finally:
-        lab.close()
 
 
 @pytest.fixture(scope="module")

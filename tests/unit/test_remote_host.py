@@ -19,8 +19,10 @@ from harness.config import HostConfig
 from harness.errors import HarnessError
 from harness.launch.qemu import free_loopback_port
 from harness.remote_host import (
-    HostKeyError, HostUnreachable, RemoteCommandError, RemoteHost, RemoteHostError,
-    RemoteHostSpec, RemoteResult, _PinnedKeys, _TrustOnFirstUse, relay, fingerprint, on_hosts)
+    HostKeyError, HostUnreachable, PortForward, RemoteCommandError, RemoteHost, RemoteHostError,
+    RemoteHostSpec, RemoteResult, UnixTarget, _PinnedKeys, _TrustOnFirstUse, fingerprint,
+    on_hosts, relay)
+from tests.fakes import SocketChannel
 
 
 def test_spec_from_the_cluster_config_and_its_checks(tmp_path: Path) -> None:
@@ -107,28 +109,6 @@ def test_trust_on_first_use_writes_the_key_it_accepts(tmp_path: Path, rsa_key) -
     assert reloaded.check("[10.0.0.1]:2222", rsa_key)
 
 
-class SocketChannel:
-    """The part of paramiko.Channel that `relay` uses, over a plain socket."""
-
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def recv(self, size: int) -> bytes:
-        return self.sock.recv(size)
-
-    def sendall(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def shutdown_write(self) -> None:
-        self.sock.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def read_all(sock: socket.socket) -> bytes:
     sock.settimeout(5)
     data = b""
@@ -187,3 +167,59 @@ def test_on_hosts_lets_bugs_through_with_their_traceback() -> None:
     with pytest.raises(KeyError):
         on_hosts([NamedHost("a")], "buggy", buggy)  # type: ignore[arg-type]
     assert issubclass(RemoteHostError, HarnessError)
+
+
+class EchoHost:
+    """open_channel_to answers with an upper-casing echo, or refuses while `refuse` is set."""
+
+    name = "node-a"
+
+    def __init__(self) -> None:
+        self.targets: list = []
+        self.refuse = False
+
+    def open_channel_to(self, target, origin=("127.0.0.1", 0), timeout_s=10.0):
+        self.targets.append(target)
+        if self.refuse:
+            raise RemoteHostError(f"host 'node-a' could not connect to {target}: Connect failed")
+        ours, theirs = socket.socketpair()
+
+        def echo() -> None:
+            with theirs:
+                data = b""
+                while chunk := theirs.recv(1024):
+                    data += chunk
+                theirs.sendall(data.upper())
+
+        threading.Thread(target=echo, daemon=True).start()
+        return SocketChannel(ours)
+
+
+def test_a_unix_socket_forward_relays_each_connection_to_the_target(tmp_path) -> None:
+    host = EchoHost()
+    path = tmp_path / "console-shell.sock"
+    path.write_text("stale")
+    target = UnixTarget("/srv/gvm/runs/r1/console-shell.sock")
+    with PortForward(host, target, local_path=path) as forward:
+        for message in (b"root\n", b"uname -r\n"):
+            with socket.socket(socket.AF_UNIX) as client:
+                client.settimeout(5)
+                client.connect(str(path))
+                client.sendall(message)
+                client.shutdown(socket.SHUT_WR)
+                assert client.makefile("rb").read() == message.upper()
+        assert host.targets == [target, target] and forward.failures == []
+        host.refuse = True
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(5)
+            client.connect(str(path))
+            assert client.recv(1) == b""
+        deadline = time.monotonic() + 5
+        while not forward.failures:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert "Connect failed" in forward.failures[0]
+    assert forward.closed and not path.exists()
+    with socket.socket(socket.AF_UNIX) as client, pytest.raises(FileNotFoundError):
+        client.connect(str(path))
+    forward.close()  # twice is fine

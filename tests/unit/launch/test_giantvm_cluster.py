@@ -129,8 +129,8 @@ class FakeHost:
             process.released += process.chunks.pop(0)
         return process.released[offset:offset + max_bytes]
 
-    def forward(self, target, local_port=0) -> FakeForward:
-        forward = FakeForward(target, local_port or 45678)
+    def forward(self, target, local_port=0, local_path=None) -> FakeForward:
+        forward = FakeForward(target, 0 if local_path else local_port or 45678, local_path)
         self.forwards.append(forward)
         return forward
 
@@ -267,11 +267,12 @@ def test_start_marks_dmesg_starts_node_0_first_waits_for_markers_and_opens_node_
         assert f"/srv/gvm/runs/{RUN}/node0/qemu.exit" in argv[2]
         # three chunks per log: the markers were complete only after the third read
         assert len(clock.sleeps) == 2
-        assert [forward.target.port for forward in h0.forwards] == [21022] and not h1.forwards
+        shell_forward, ssh_forward = h0.forwards
+        assert ssh_forward.target.port == 21022 and not h1.forwards
         endpoints = guest.endpoints
         assert endpoints.ssh_port == 45678
         assert endpoints.kernel_console_log.read_bytes() == h0.console
-        assert endpoints.shell_socket.is_socket()
+        assert shell_forward.local_path == endpoints.shell_socket
         assert guest.exit_status() is None
     finally:
         guest.stop()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import random
 import shlex
-import socket
 import subprocess
 import threading
 import time
@@ -21,7 +20,7 @@ from harness.errors import BootError
 from harness.launch import BootSpec
 from harness.launch.remote_qemu import (
     STATUS_CACHE_S, TAIL_CHUNK, ConsoleTail, RemoteGuestState, RemoteQemuGuest,
-    RemoteQemuLauncher, UnixSocketForward, exit_code, free_remote_port, used_ports)
+    RemoteQemuLauncher, exit_code, free_remote_port, used_ports)
 from harness.remote_host import (
     DetachedProcess, HostKeyError, RemoteHost, RemoteHostError, RemoteHostSpec, RemoteResult,
     TcpTarget, UnixTarget)
@@ -203,84 +202,6 @@ def test_console_tail_copies_growth_and_keeps_errors(tmp_path) -> None:
         resumed.close()
 
 
-class SocketChannel:
-    """Enough of a paramiko Channel for the relay, over one end of a socketpair."""
-
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def recv(self, size: int) -> bytes:
-        return self.sock.recv(size)
-
-    def sendall(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def shutdown_write(self) -> None:
-        self.sock.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class EchoHost:
-    """open_channel_to answers with an upper-casing echo, or refuses while `refuse` is set."""
-
-    name = "node-a"
-
-    def __init__(self) -> None:
-        self.targets: list = []
-        self.refuse = False
-
-    def open_channel_to(self, target, origin=("127.0.0.1", 0), timeout_s=10.0):
-        self.targets.append(target)
-        if self.refuse:
-            raise RemoteHostError(f"host 'node-a' could not connect to {target}: Connect failed")
-        ours, theirs = socket.socketpair()
-
-        def echo() -> None:
-            with theirs:
-                data = b""
-                while chunk := theirs.recv(1024):
-                    data += chunk
-                theirs.sendall(data.upper())
-
-        threading.Thread(target=echo, daemon=True).start()
-        return SocketChannel(ours)
-
-
-def test_the_unix_socket_forward_relays_each_connection_to_the_target(tmp_path) -> None:
-    host = EchoHost()
-    path = tmp_path / "console-shell.sock"
-    path.write_text("stale")
-    target = UnixTarget("/srv/gvm/runs/r1/console-shell.sock")
-    with UnixSocketForward(host, target, path) as forward:
-        for message in (b"root\n", b"uname -r\n"):
-            with socket.socket(socket.AF_UNIX) as client:
-                client.settimeout(5)
-                client.connect(str(path))
-                client.sendall(message)
-                client.shutdown(socket.SHUT_WR)
-                assert client.makefile("rb").read() == message.upper()
-        assert host.targets == [target, target] and forward.failures == []
-        host.refuse = True
-        with socket.socket(socket.AF_UNIX) as client:
-            client.settimeout(5)
-            client.connect(str(path))
-            assert client.recv(1) == b""
-        deadline = time.monotonic() + 5
-        while not forward.failures:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        assert "Connect failed" in forward.failures[0]
-    assert forward.closed and not path.exists()
-    with socket.socket(socket.AF_UNIX) as client, pytest.raises(FileNotFoundError):
-        client.connect(str(path))
-    forward.close()  # twice is fine
-
-
 @dataclass
 class FakeHost:
     """Records what the launcher asks of a host and answers from a script."""
@@ -340,8 +261,8 @@ class FakeHost:
             return self.console[offset:offset + max_bytes]
         return b"qemu says hi\n"
 
-    def forward(self, target, local_port=0) -> FakeForward:
-        forward = FakeForward(target, local_port or 45678)
+    def forward(self, target, local_port=0, local_path=None) -> FakeForward:
+        forward = FakeForward(target, 0 if local_path else local_port or 45678, local_path)
         self.forwards.append(forward)
         return forward
 
@@ -377,18 +298,17 @@ def test_start_uploads_starts_waits_and_wires_the_forwards(boot, tmp_path, uploa
         assert "while [ ! -S /srv/gvm/runs/r1/console-shell.sock ]" in wait
         assert "kill -0 777" in wait
         assert guest.pid == 777 and guest.accelerator == "tcg"
-        (ssh_forward,) = host.forwards
+        shell_forward, ssh_forward = host.forwards
         assert ssh_forward.target == TcpTarget(21022)
-        assert guest.shell_forward is not None
-        assert guest.shell_forward.target == UnixTarget("/srv/gvm/runs/r1/console-shell.sock")
+        assert shell_forward.target == UnixTarget("/srv/gvm/runs/r1/console-shell.sock")
         endpoints = guest.endpoints
         assert endpoints.ssh_port == 45678 and endpoints.ssh_host == "127.0.0.1"
         assert endpoints.shell_socket == tmp_path / "r1" / "console-shell.sock"
-        assert endpoints.shell_socket.is_socket()
+        assert shell_forward.local_path == endpoints.shell_socket
         assert endpoints.kernel_console_log.read_bytes() == host.console  # polled at once
     finally:
         guest.stop()
-    assert ssh_forward.closed and not endpoints.shell_socket.exists()
+    assert ssh_forward.closed and shell_forward.closed
     assert guest.tail is not None and not guest.tail.running
     assert (tmp_path / "r1" / "qemu.log").read_bytes() == b"qemu says hi\n"
 
