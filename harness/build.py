@@ -60,6 +60,13 @@ class KernelBuildResult:
         return asdict(self)
 
 
+def reproducible_build_env(**extra: str) -> dict[str, str]:
+    """Fixed build user, host and time: the same tree, config and compiler give the same image on
+    every machine, so checksums can show that all nodes run the same build."""
+    return dict(os.environ, KBUILD_BUILD_USER="gvm-harness", KBUILD_BUILD_HOST="gvm-harness",
+                KBUILD_BUILD_TIMESTAMP="2000-01-01", **extra)
+
+
 def read_config_options(text: str) -> dict[str, str]:
     """Options of a .config or fragment; `# CONFIG_X is not set` reads as 'n'."""
     options = {}
@@ -86,8 +93,7 @@ def build_kernel(spec: KernelBuildSpec, log_path: Path, progress: Progress) -> K
         if shutil.which(tool) is None:
             raise BuildError(f"`{tool}` is missing; run ./gvm setup to install the build tools")
     spec.build_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, CCACHE_DIR=str(spec.ccache_dir), KBUILD_BUILD_USER="gvm-harness",
-               KBUILD_BUILD_HOST="gvm-harness", KBUILD_BUILD_TIMESTAMP="2000-01-01")
+    env = reproducible_build_env(CCACHE_DIR=str(spec.ccache_dir))
     make = ["make", "-C", str(spec.tree), f"O={spec.build_dir}", f"ARCH={ARCH}"]
     with progress.step(f"configure kernel ({spec.base_config} + {len(spec.fragments)} fragments)"):
         run_logged(make + [spec.base_config], log_path, progress, env=env)

@@ -80,11 +80,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _patch(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
     if args.revert:
-        tree = pipeline.resolve_tree(config.guest.kernel.source, config.cache_dir, progress)
-        if config.guest.kernel.patches is None:
+        tree, _, series = pipeline.guest_series(config, progress)
+        if series is None:
             progress.say("no guest series configured; nothing to revert")
             return 0
-        series = pipeline.select_series(config.guest.kernel.patches, pipeline.kernel_version(tree))
         reverted = series.revert(tree)
         progress.say(f"reverted: {', '.join(reverted) or 'nothing was applied'}")
         return 0
@@ -93,11 +92,9 @@ def _patch(args: argparse.Namespace, config: ClusterConfig, progress: Progress) 
 
 
 def _status(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
-    tree = pipeline.resolve_tree(config.guest.kernel.source, config.cache_dir, progress)
-    version = pipeline.kernel_version(tree)
+    tree, version, series = pipeline.guest_series(config, progress)
     print(f"guest tree: {tree} (Linux {version})")
-    if config.guest.kernel.patches is not None:
-        series = pipeline.select_series(config.guest.kernel.patches, version)
+    if series is not None:
         print(f"series {series.directory}: {series.status(tree).describe()}")
     latest = RunFolder.newest_with(config.run_root, pipeline.SESSION_FILE)
     if latest is None:
@@ -196,12 +193,7 @@ def _run(args: argparse.Namespace, config: ClusterConfig, progress: Progress) ->
 
 def _host_build(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
     tree = host_tree.open_host_tree(args.tree.resolve())
-    series = tree.load_series()
-    with progress.step(f"apply {series.directory.name} ({len(series.patches)} patches) to "
-                       f"{tree.path}"):
-        outcome = series.apply(tree.path)
-    progress.say(f"    {'already applied' if outcome.already_applied else 'applied'}: "
-                 f"{', '.join(series.names)}")
+    pipeline.apply_series(tree.load_series(), tree.path, str(tree.path), progress)
     run = RunFolder.create(config.run_root, f"host-{tree.base.value}")
     result = host_tree.build_kvm(tree, run.file("host-build.log"), progress,
                                  build_dir=args.build_dir.resolve() if args.build_dir else None,

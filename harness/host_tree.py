@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.build import Artifact, read_config_options
+from harness.build import Artifact, read_config_options, reproducible_build_env
 from harness.errors import BuildError, HarnessError
 from harness.kernel_source import KernelVersion, kernel_version
 from harness.local_command import run_captured, run_logged
@@ -187,10 +187,7 @@ def build_kvm(host: HostTree, log_path: Path, progress: Progress, build_dir: Pat
     series = _series_state(host)
     make = ["make", "-C", str(host.path)] + ([f"O={build_dir}"] if build_dir else [])
     make_jobs = f"-j{jobs or os.cpu_count() or 1}"
-    # Fixed build user, host and time: the same tree, config and compiler give the same bzImage
-    # on every host, so checksums can show that all GiantVM nodes run the same build.
-    env = dict(os.environ, KBUILD_BUILD_USER="gvm-harness", KBUILD_BUILD_HOST="gvm-harness",
-               KBUILD_BUILD_TIMESTAMP="2000-01-01")
+    env = reproducible_build_env()
     with progress.step(f"build host {mode.value} of {host.base.value} (log: {log_path})"):
         if mode is KvmBuildMode.MODULES:
             run_logged(make + ["modules_prepare"], log_path, progress, env=env)

@@ -46,18 +46,30 @@ class PreparedTree:
     outcome: ApplyOutcome | None
 
 
-def prepare_guest_tree(config: ClusterConfig, progress: Progress) -> PreparedTree:
+def guest_series(config: ClusterConfig,
+                 progress: Progress) -> tuple[Path, KernelVersion, PatchSeries | None]:
+    """The guest tree, its version and the series that fits it (None if none is configured)."""
     tree = resolve_tree(config.guest.kernel.source, config.cache_dir, progress)
     version = kernel_version(tree)
     if config.guest.kernel.patches is None:
-        return PreparedTree(tree, version, None, None)
-    series = select_series(config.guest.kernel.patches, version)
-    with progress.step(f"apply {series.directory.name} ({len(series.patches)} patches) to "
-                       f"Linux {version}"):
+        return tree, version, None
+    return tree, version, select_series(config.guest.kernel.patches, version)
+
+
+def apply_series(series: PatchSeries, tree: Path, what: str, progress: Progress) -> ApplyOutcome:
+    with progress.step(f"apply {series.directory.name} ({len(series.patches)} patches) to {what}"):
         outcome = series.apply(tree)
     progress.say(f"    {'already applied' if outcome.already_applied else 'applied'}: "
                  f"{', '.join(series.names) or '(empty series)'}")
-    return PreparedTree(tree, version, series, outcome)
+    return outcome
+
+
+def prepare_guest_tree(config: ClusterConfig, progress: Progress) -> PreparedTree:
+    tree, version, series = guest_series(config, progress)
+    if series is None:
+        return PreparedTree(tree, version, None, None)
+    return PreparedTree(tree, version, series,
+                        apply_series(series, tree, f"Linux {version}", progress))
 
 
 def build_guest_kernel(config: ClusterConfig, prepared: PreparedTree, run: RunFolder,
