@@ -6,9 +6,12 @@ implements the same interface, the way syzkaller keeps each VM type behind one `
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,19 @@ class GuestEndpoints:
     shell_socket: Path
     ssh_host: str
     ssh_port: int
+
+
+def unix_socket_path(directory: str | Path, name: str) -> Path:
+    """`directory/name`, or a short name in /tmp derived from it when that is too long to bind.
+
+    Deep run folders (pytest's tmp_path, a long work_dir) would otherwise make QEMU or the forward
+    fail; /tmp exists on this machine and on every remote host alike.
+    """
+    wanted = Path(directory) / name
+    if len(str(wanted).encode()) <= UNIX_PATH_MAX:
+        return wanted
+    digest = hashlib.sha256(str(wanted).encode()).hexdigest()[:16]
+    return Path("/tmp") / f"gvm-{digest}-{name}"
 
 
 class RunningGuest(Protocol):

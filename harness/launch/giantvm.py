@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from harness.errors import HarnessError
-from harness.launch import BootSpec
+from harness.launch import BootSpec, unix_socket_path
 
 MAX_NODES = 4
 DSM_BASE_PORT = 37710
@@ -115,7 +115,7 @@ class GiantVMLauncher:
         node0 = self.nodes[0]
         return GiantVMEndpoints(host=node0.host,
                                 kernel_console_log=f"{node0.work_dir}/console-kernel.log",
-                                shell_socket=f"{node0.work_dir}/console-shell.sock",
+                                shell_socket=str(unix_socket_path(node0.work_dir, "console-shell.sock")),
                                 ssh_port=self.ssh_port)
 
     def node_commands(self) -> list[NodeCommand]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.errors import BootError
-from harness.launch import BootSpec, GuestEndpoints
+from harness.launch import BootSpec, GuestEndpoints, unix_socket_path
 
 STOP_GRACE_S = 5.0
 
@@ -38,7 +38,7 @@ class QemuLauncher:
     @property
     def endpoints(self) -> GuestEndpoints:
         return GuestEndpoints(kernel_console_log=self.run_dir / "console-kernel.log",
-                              shell_socket=self.run_dir / "console-shell.sock",
+                              shell_socket=unix_socket_path(self.run_dir, "console-shell.sock"),
                               ssh_host="127.0.0.1", ssh_port=self.ssh_port)
 
     def command_lines(self) -> list[list[str]]:

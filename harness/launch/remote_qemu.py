@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 
 from harness.deploy import ARTIFACT_DIR, artifact_path, sha256_file, upload_file
 from harness.errors import BootError
-from harness.launch import BootSpec, GuestEndpoints
+from harness.launch import BootSpec, GuestEndpoints, unix_socket_path
 from harness.launch.qemu import QemuLauncher
 from harness.remote_host import (
     DetachedProcess, PortForward, RemoteHost, RemoteHostError, TcpTarget, UnixTarget)
@@ -47,7 +47,6 @@ SOCKET_WAIT_S = 30.0
 TAIL_INTERVAL_S = 0.2
 TAIL_CHUNK = 1 << 20
 STATUS_CACHE_S = 0.5  # exit_status() asks the host at most this often
-UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
 REMOTE_PORT_RANGE = (20000, 32767)  # below Linux's default ephemeral range
 ACCELERATORS = ("tcg", "kvm")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
@@ -181,7 +180,7 @@ class RemoteQemuLauncher:
     def endpoints(self) -> GuestEndpoints:
         """Where the guest will be reachable here (a port of 0 is chosen at start)."""
         return GuestEndpoints(kernel_console_log=self.local_dir / CONSOLE_FILE,
-                              shell_socket=self.local_dir / SHELL_SOCKET,
+                              shell_socket=unix_socket_path(self.local_dir, SHELL_SOCKET),
                               ssh_host="127.0.0.1", ssh_port=self.local_ssh_port)
 
     @property
@@ -209,16 +208,7 @@ class RemoteQemuLauncher:
             exit_file=self.exit_file, local_console_log=str(local.kernel_console_log),
             local_shell_socket=str(local.shell_socket), local_ssh_port=self.local_ssh_port)
 
-    def check_paths(self) -> None:
-        for where, path in (("on " + self.host.spec.where, str(self.remote_endpoints.shell_socket)),
-                            ("here", str(self.endpoints.shell_socket))):
-            if len(path.encode()) > UNIX_PATH_MAX:
-                raise BootError(f"the serial socket path {path} ({where}) is longer than "
-                                f"{UNIX_PATH_MAX} bytes, which unix sockets cannot hold; use a "
-                                "shorter work_dir or run folder")
-
     def start(self) -> RemoteQemuGuest:
-        self.check_paths()
         host = self.host
         host.connect()  # a wrong host key or a dead host fails here, before any upload
         for local, remote, digest in ((self.boot.kernel, self.remote_kernel, self._digests[0]),

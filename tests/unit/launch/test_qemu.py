@@ -1,8 +1,9 @@
 """The stock-QEMU launch line: accelerator, shape, consoles and the SSH forward."""
 
+import socket
 from pathlib import Path
 
-from harness.launch import BootSpec
+from harness.launch import BootSpec, unix_socket_path
 from harness.launch.qemu import QemuLauncher
 
 
@@ -43,3 +44,18 @@ def test_endpoints_match_the_line() -> None:
     endpoints = launcher("tcg").endpoints
     assert endpoints.ssh_host == "127.0.0.1" and endpoints.ssh_port == 40022
     assert endpoints.shell_socket == Path("/runs/r1/console-shell.sock")
+
+
+def test_a_socket_in_a_deep_run_folder_is_bound_under_tmp(tmp_path) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    path = unix_socket_path(deep, "console-shell.sock")
+    assert path.parent == Path("/tmp")
+    assert path == unix_socket_path(deep, "console-shell.sock") != unix_socket_path(tmp_path, "x" * 120)
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        try:
+            assert path.is_socket()
+        finally:
+            path.unlink()
+    assert unix_socket_path(tmp_path, "console-shell.sock") == tmp_path / "console-shell.sock"

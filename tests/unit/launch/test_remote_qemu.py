@@ -17,7 +17,7 @@ import pytest
 
 from harness.deploy import artifact_path, sha256_file
 from harness.errors import BootError
-from harness.launch import BootSpec
+from harness.launch import UNIX_PATH_MAX, BootSpec
 from harness.launch.remote_qemu import (
     STATUS_CACHE_S, TAIL_CHUNK, ConsoleTail, RemoteGuestState, RemoteQemuGuest,
     RemoteQemuLauncher, exit_code, free_remote_port, used_ports)
@@ -139,12 +139,18 @@ def test_exit_codes_follow_popen() -> None:
     assert [exit_code(text) for text in ("0\n", "1", "137\n", "143")] == [0, 1, -9, -15]
 
 
-def test_socket_paths_too_long_for_unix_sockets_are_refused_before_connecting(boot,
-                                                                                tmp_path) -> None:
-    host = offline_host("/srv/" + "w" * 100)
-    with pytest.raises(BootError, match=r"console-shell.sock \(on host 'node-a'.*longer than 107"):
-        make_launcher(host, boot, tmp_path).start()
-    assert not host.connected
+def test_socket_paths_too_long_for_unix_sockets_move_to_tmp_on_both_sides(boot, tmp_path) -> None:
+    local_dir = tmp_path / ("r" * 120)
+    launcher = make_launcher(offline_host("/srv/" + "w" * 100), boot, local_dir)
+    remote_socket = launcher.remote_endpoints.shell_socket
+    local_socket = launcher.endpoints.shell_socket
+    for socket_path in (remote_socket, local_socket):
+        assert socket_path.parent == Path("/tmp") and socket_path.name.endswith("console-shell.sock")
+        assert len(str(socket_path).encode()) <= UNIX_PATH_MAX
+    assert remote_socket != local_socket
+    (line,) = launcher.command_lines()
+    assert f"unix:{remote_socket},server=on,wait=off" in option_values(line, "-serial")
+    assert launcher.endpoints.kernel_console_log.parent == local_dir
 
 
 def test_used_ports_and_a_free_remote_port() -> None:
