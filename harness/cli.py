@@ -12,9 +12,10 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from harness import host_tree, modelcheck, pipeline
+from harness import giantvm_pipeline, host_tree, modelcheck, pipeline
 from harness.config import DEFAULT_CONFIG, ClusterConfig, load_config
 from harness.errors import HarnessError
+from harness.launch import BootSpec
 from harness.progress import Progress
 from harness.report import verdict_table
 from harness.run_folder import RunFolder
@@ -62,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--run", type=Path,
                          help="run folder (default: the newest that started a guest)")
         sub.set_defaults(handler=handler)
+    commands.add_parser("deploy", help="install the host kvm (GiantVM configs) on every node's "
+                                       "host").set_defaults(handler=_deploy)
+    commands.add_parser("plan", help="print the QEMU command line of every node, run nothing") \
+        .set_defaults(handler=_plan)
     host = commands.add_parser("host-build", help="apply the host series to a Linux-DSM tree and "
                                                   "build its kvm (modules, or the whole kernel)")
     host.add_argument("--tree", type=Path, required=True, help="the Linux-DSM source tree")
@@ -145,7 +150,7 @@ def _up(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> 
     session.detach()
     progress.say(f"guest is up on {session.record.host} (pid {session.record.pid}); "
                  f"run folder: {run.path}")
-    if session.record.remote is None:
+    if session.record.remote is None and session.record.cluster is None:
         progress.say(f"    ssh -i {session.record.client_key} -p {session.record.ssh_port} "
                      f"-o StrictHostKeyChecking=no root@127.0.0.1")
     progress.say("    then: ./gvm probe; ./gvm down")
@@ -166,9 +171,18 @@ def _probe(args: argparse.Namespace, config: ClusterConfig, progress: Progress) 
     session.raise_if_dead()
     try:
         samples = pipeline.probe_guest(session, config, progress)
+        host_checks = _host_checks(session, progress)
     finally:
         session.detach()
-    return _report(pipeline.judge(samples, session.record.hz, config, session.run), session.run)
+    return _report(pipeline.judge(samples, session.record.hz, config, session.run, host_checks),
+                   session.run)
+
+
+def _host_checks(session: pipeline.GuestSession, progress: Progress):
+    if session.record.cluster is None:
+        return []
+    with progress.step("scan every host's kernel log since the run began"):
+        return pipeline.host_log_checks(session)
 
 
 def _down(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
@@ -188,7 +202,35 @@ def _run(args: argparse.Namespace, config: ClusterConfig, progress: Progress) ->
             session.detach()
         else:
             session.close()
-    return _report(pipeline.judge(samples, session.record.hz, config, run), run)
+    try:  # after the stop, so the DSM's shutdown lines are scanned too
+        host_checks = _host_checks(session, progress)
+    finally:
+        session.detach()
+    return _report(pipeline.judge(samples, session.record.hz, config, run, host_checks), run)
+
+
+def _deploy(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
+    run = RunFolder.create(config.run_root, f"deploy-{config.name}")
+    giantvm_pipeline.deploy_host_kvm(config, run, progress)
+    progress.say(f"run folder: {run.path}")
+    return 0
+
+
+def _plan(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
+    """What `up` would start, with placeholders for the files only a build can name."""
+    boot = BootSpec(Path("<bzImage>"), Path("<initramfs>"), config.guest.cmdline,
+                             config.vm.vcpus, config.vm.memory_mb)
+    if config.giantvm is None:
+        print(f"one stock QEMU ({config.vm.qemu_binary}) on {config.hosts[0].name}; "
+              "`harness up` prints its line into launch.json")
+        return 0
+    launcher = giantvm_pipeline.launcher_for(config, boot, "<run>")
+    for command in launcher.node_commands():
+        print(f"# node {command.node} on {command.host}\n{command.shell()}")
+    print("# TCP ports that must be free:")
+    for need in launcher.required_ports():
+        print(f"#   {need.host} {need.ip}:{need.port} node {need.node} {need.purpose}")
+    return 0
 
 
 def _host_build(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from harness.errors import ConfigError
+from harness.launch.giantvm import MACHINES as GIANTVM_MACHINES
 from harness.launch.giantvm import MAX_NODES as GIANTVM_MAX_NODES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -23,6 +24,8 @@ DEFAULT_CONFIG = REPO_ROOT / "vm_configs" / "local.yaml"
 LAUNCHERS = ("qemu", "giantvm")
 ACCELERATORS = ("auto", "tcg", "kvm")
 PROBE_TRANSPORTS = ("ssh", "serial")
+ATOMIC_INC_MODES = ("send_all", "local_first")  # kvm.atomic_inc_mode (host_patches/README.md)
+BOOT_MODES = ("once", "default")  # host_install: grub-reboot or grub-set-default
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,45 @@ class VMConfig:
 
 
 @dataclass(frozen=True)
+class GiantVMNode:
+    """Node i of the cluster: the host it runs on and iplist[i], an address of that host."""
+
+    host: str
+    ip: str
+
+
+@dataclass(frozen=True)
+class HostModules:
+    """Linux-DSM kvm.ko and kvm-intel.ko (`harness host-build`) for hosts whose KVM is a module."""
+
+    kvm_ko: Path
+    kvm_intel_ko: Path
+
+
+@dataclass(frozen=True)
+class HostKernel:
+    """A whole Linux-DSM kernel for hosts with KVM built in: installed, then rebooted into."""
+
+    bzimage: Path
+    modules_tarball: Path
+    release: str
+    boot_mode: str
+
+
+@dataclass(frozen=True)
+class GiantVMConfig:
+    """How the GiantVM launcher places the nodes and what `deploy` installs on their hosts."""
+
+    nodes: tuple[GiantVMNode, ...]
+    machine: str
+    ssh_port: int
+    rendezvous_timeout_s: float
+    atomic_inc_mode: str
+    host_modules: HostModules | None
+    host_kernel: HostKernel | None
+
+
+@dataclass(frozen=True)
 class ProbeConfig:
     rounds: int
     interval_s: float
@@ -114,6 +156,10 @@ class ClusterConfig:
     probe: ProbeConfig
     checks: CheckConfig
     timeouts: TimeoutConfig
+    giantvm: GiantVMConfig | None = None
+
+    def host(self, name: str) -> HostConfig:
+        return next(host for host in self.hosts if host.name == name)
 
 
 class _Section:
@@ -229,16 +275,23 @@ def parse_config(path: Path, data: Any) -> ClusterConfig:
     probe = _parse_probe(top.section("probe"))
     checks = _parse_checks(top.section("checks"))
     timeouts = _parse_timeouts(top.section("timeouts"))
+    giantvm_section = top.section("giantvm") if "giantvm" in top.data else None
     top.done()
     names = [host.name for host in hosts]
     if len(set(names)) != len(names):
         raise top.error("hosts", f"host names must be unique, got {names}")
+    giantvm = None
     if vm.launcher == "giantvm":
-        raise top.error("vm.launcher", "'giantvm' needs VT-x hosts and the multi-host deploy, "
-                                       "which this version does not drive yet; use 'qemu'")
+        if giantvm_section is None:
+            raise top.error("giantvm", "is required with vm.launcher 'giantvm': list the nodes "
+                                       "(host and iplist address of each)")
+        giantvm = _parse_giantvm(giantvm_section, vm, hosts)
+    elif giantvm_section is not None:
+        raise top.error("giantvm", "is only read with vm.launcher 'giantvm'; remove it or set "
+                                   "the launcher")
     return ClusterConfig(path=path, name=name, run_root=run_root, cache_dir=cache_dir,
                          hosts=hosts, guest=guest, vm=vm, probe=probe, checks=checks,
-                         timeouts=timeouts)
+                         timeouts=timeouts, giantvm=giantvm)
 
 
 def _default_cache_dir() -> Path:
@@ -309,6 +362,79 @@ def _parse_vm(section: _Section) -> VMConfig:
     if vm.launcher == "giantvm" and vm.nodes > GIANTVM_MAX_NODES:
         raise section.error("nodes", f"GiantVM supports at most {GIANTVM_MAX_NODES} nodes")
     return vm
+
+
+def _parse_giantvm(section: _Section, vm: VMConfig,
+                   hosts: tuple[HostConfig, ...]) -> GiantVMConfig:
+    nodes = []
+    for item in section.items("nodes"):
+        nodes.append(GiantVMNode(host=item.string("host"), ip=item.string("ip")))
+        item.done()
+        try:
+            ipaddress.IPv4Address(nodes[-1].ip)
+        except ValueError:
+            raise item.error("ip", f"'{nodes[-1].ip}' is not an IPv4 address; GiantVM's QEMU "
+                                   "takes dotted quads only in its iplist") from None
+        if nodes[-1].host not in {host.name for host in hosts}:
+            raise item.error("host", f"'{nodes[-1].host}' is not one of the config's hosts: "
+                                     f"{', '.join(host.name for host in hosts)}")
+    modules_section = section.section("host_modules") if "host_modules" in section.data else None
+    kernel_section = section.section("host_kernel") if "host_kernel" in section.data else None
+    giantvm = GiantVMConfig(
+        nodes=tuple(nodes),
+        machine=section.string("machine", default="q35", choices=GIANTVM_MACHINES),
+        ssh_port=section.integer("ssh_port", 20022, 1024, 65535),
+        rendezvous_timeout_s=section.number("rendezvous_timeout_s", 180, 1, 86400),
+        atomic_inc_mode=section.string("atomic_inc_mode", default="send_all",
+                                       choices=ATOMIC_INC_MODES),
+        host_modules=_parse_host_modules(modules_section) if modules_section else None,
+        host_kernel=_parse_host_kernel(kernel_section) if kernel_section else None,
+    )
+    section.done()
+    if len(nodes) != vm.nodes:
+        raise section.error("nodes", f"lists {len(nodes)} nodes, but vm.nodes is {vm.nodes}; "
+                                     "give one entry (host, ip) per node, node 0 first")
+    if giantvm.host_modules and giantvm.host_kernel:
+        raise section.error("host_kernel", "and host_modules are alternatives: modules for hosts "
+                                           "whose KVM is a module, a kernel for KVM built in")
+    if vm.accel == "tcg":
+        raise section.error("", "GiantVM runs on KVM only (its DSM lives in the host's kvm "
+                                "module); set vm.accel to 'kvm' or 'auto'")
+    used = [host for host in hosts if host.name in {node.host for node in nodes}]
+    if any(host.is_local for host in used):
+        raise section.error("nodes", "GiantVM nodes run on hosts reached over SSH; for this "
+                                     "machine add a host with address 127.0.0.1")
+    work_dirs = sorted({host.work_dir for host in used})
+    if len(work_dirs) > 1:
+        raise section.error("nodes", f"the nodes' hosts have different work_dirs "
+                                     f"({', '.join(work_dirs)}); GiantVM starts every node with "
+                                     "the same -kernel and -initrd paths, so give them one "
+                                     "work_dir")
+    return giantvm
+
+
+def _parse_host_modules(section: _Section) -> HostModules:
+    modules = HostModules(kvm_ko=_required_path(section, "kvm_ko"),
+                          kvm_intel_ko=_required_path(section, "kvm_intel_ko"))
+    section.done()
+    return modules
+
+
+def _parse_host_kernel(section: _Section) -> HostKernel:
+    kernel = HostKernel(bzimage=_required_path(section, "bzimage"),
+                        modules_tarball=_required_path(section, "modules_tarball"),
+                        release=section.string("release"),
+                        boot_mode=section.string("boot_mode", default="once", choices=BOOT_MODES))
+    section.done()
+    return kernel
+
+
+def _required_path(section: _Section, key: str) -> Path:
+    """Checked for existence by `deploy`, not here: `status` and `down` must load the config
+    even where the host build's files are not."""
+    path = section.path(key, default=_REQUIRED)
+    assert path is not None
+    return path
 
 
 def _parse_probe(section: _Section) -> ProbeConfig:

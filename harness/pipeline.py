@@ -12,9 +12,9 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from harness import rootfs
+from harness import giantvm_pipeline, rootfs
 from harness.build import KernelBuildResult, KernelBuildSpec, build_kernel, read_config_options
-from harness.checks.jiffies import Verdict, check_samples
+from harness.checks.jiffies import CheckResult, Verdict, check_samples
 from harness.config import ClusterConfig, HostConfig
 from harness.console import SerialConsole
 from harness.errors import BootError, HarnessError
@@ -22,6 +22,7 @@ from harness.guest_ssh import GuestSSH, SSHTarget
 from harness.kernel_source import KernelVersion, kernel_version, resolve_tree, select_series
 from harness.launch import BootSpec, GuestEndpoints
 from harness.launch.accel import choose_accelerator
+from harness.launch.giantvm_cluster import GiantVMGuest
 from harness.launch.qemu import QemuGuest, QemuLauncher, free_loopback_port
 from harness.launch.remote_qemu import (RemoteGuestState, RemoteQemuGuest, RemoteQemuLauncher,
                                         free_remote_port)
@@ -115,13 +116,14 @@ class SessionRecord:
     hz: int
     host: str = "local"
     remote: dict | None = None  # RemoteGuestState of a guest on a remote host
+    cluster: dict | None = None  # giantvm_pipeline.ClusterState of a GiantVM guest
 
 
 class GuestSession:
     """A booted guest with its console and SSH connections; `close` stops QEMU too."""
 
-    def __init__(self, record: SessionRecord, guest: QemuGuest | RemoteQemuGuest, run: RunFolder,
-                 command_timeout_s: float):
+    def __init__(self, record: SessionRecord, guest: QemuGuest | RemoteQemuGuest | GiantVMGuest,
+                 run: RunFolder, command_timeout_s: float):
         self.record = record
         self.guest = guest
         self.run = run
@@ -165,15 +167,14 @@ class GuestSession:
     def detach(self) -> None:
         """Let go of the guest but leave it running, for a later `probe` or `down`."""
         self.disconnect()
-        if isinstance(self.guest, RemoteQemuGuest):
-            self.guest.close_local()
-            self.guest.host.close()
+        self.guest.detach()
 
     def close(self) -> None:
         self.disconnect()
-        self.guest.stop()
-        if isinstance(self.guest, RemoteQemuGuest):
-            self.guest.host.close()
+        try:
+            self.guest.stop()
+        finally:
+            self.guest.detach()
 
 
 def boot_timeout(config: ClusterConfig, accelerator: str, seconds: float) -> float:
@@ -187,9 +188,47 @@ def boot_guest(config: ClusterConfig, kernel: Path, hz: int, run: RunFolder, pro
         initramfs = rootfs.build_initramfs(run.path)
     boot = BootSpec(kernel=kernel, initrd=initramfs.path, cmdline=cmdline or config.guest.cmdline,
                     vcpus=config.vm.vcpus, memory_mb=config.vm.memory_mb)
+    if config.giantvm is not None:
+        nodes = config.giantvm.nodes
+        with progress.step(f"start {len(nodes)} GiantVM nodes on "
+                           f"{', '.join(dict.fromkeys(node.host for node in nodes))}"):
+            cluster, state = giantvm_pipeline.start_cluster(config, boot, run, progress)
+        guest: QemuGuest | RemoteQemuGuest | GiantVMGuest = cluster
+        accelerator, where, cluster_state = "kvm", nodes[0].host, state.to_dict()
+    else:
+        guest, accelerator = _start_qemu(config, boot, run, progress)
+        where, cluster_state = config.hosts[0].name, None
+    credentials = initramfs.credentials
+    endpoints = guest.endpoints
+    record = SessionRecord(
+        pid=guest.pid, accelerator=accelerator,
+        kernel_console_log=str(endpoints.kernel_console_log),
+        shell_socket=str(endpoints.shell_socket),
+        ssh_port=endpoints.ssh_port, root_password=credentials.root_password,
+        client_key=str(credentials.client_key), host_key_type=credentials.host_key_type,
+        host_key_base64=credentials.host_key_base64, vcpus=config.vm.vcpus,
+        vcpus_per_node=config.vm.vcpus_per_node, hz=hz, host=where,
+        remote=guest.state.to_dict() if isinstance(guest, RemoteQemuGuest) else None,
+        cluster=cluster_state)
+    run.write_json(SESSION_FILE, asdict(record)).chmod(0o600)  # holds the root password
+    session = GuestSession(record, guest, run, config.timeouts.command_s)
+    try:
+        with progress.step(f"boot {config.vm.vcpus} vCPUs under {accelerator.upper()} on "
+                           f"{where} (console: {run.file('console-kernel.log')})"):
+            _wait_for_ready(session, endpoints,
+                            boot_timeout(config, accelerator, config.timeouts.boot_s), progress)
+    except BaseException:
+        session.close()
+        raise
+    return session
+
+
+def _start_qemu(config: ClusterConfig, boot: BootSpec, run: RunFolder,
+                progress: Progress) -> tuple[QemuGuest | RemoteQemuGuest, str]:
+    """One stock QEMU, here or on the config's first host, with its accelerator."""
     host = config.hosts[0]
     if host.is_local:
-        accelerator = choose_accelerator(config.vm.accel, config.vm.qemu_binary, kernel,
+        accelerator = choose_accelerator(config.vm.accel, config.vm.qemu_binary, boot.kernel,
                                          run.file("accel-probe.log"), config.cache_dir)
         launcher: QemuLauncher | RemoteQemuLauncher = QemuLauncher(
             qemu_binary=config.vm.qemu_binary, accelerator=accelerator, boot=boot,
@@ -208,34 +247,13 @@ def boot_guest(config: ClusterConfig, kernel: Path, hz: int, run: RunFolder, pro
             raise
     run.write_json("launch.json", {"accelerator": accelerator, "host": host.name,
                                    "command_lines": launcher.command_lines()})
-    credentials = initramfs.credentials
-    timeout = boot_timeout(config, accelerator, config.timeouts.boot_s)
-    with progress.step(f"boot {config.vm.vcpus} vCPUs under {accelerator.upper()} on "
-                       f"{host.name} (console: {run.file('console-kernel.log')})"):
+    with progress.step(f"start QEMU on {host.name}"):
         try:
-            guest = launcher.start()
+            return launcher.start(), accelerator
         except BaseException:
             if isinstance(launcher, RemoteQemuLauncher):
                 launcher.host.close()
             raise
-        endpoints = guest.endpoints
-        record = SessionRecord(
-            pid=guest.pid, accelerator=accelerator,
-            kernel_console_log=str(endpoints.kernel_console_log),
-            shell_socket=str(endpoints.shell_socket),
-            ssh_port=endpoints.ssh_port, root_password=credentials.root_password,
-            client_key=str(credentials.client_key), host_key_type=credentials.host_key_type,
-            host_key_base64=credentials.host_key_base64, vcpus=config.vm.vcpus,
-            vcpus_per_node=config.vm.vcpus_per_node, hz=hz, host=host.name,
-            remote=guest.state.to_dict() if isinstance(guest, RemoteQemuGuest) else None)
-        run.write_json(SESSION_FILE, asdict(record)).chmod(0o600)  # holds the root password
-        session = GuestSession(record, guest, run, config.timeouts.command_s)
-        try:
-            _wait_for_ready(session, endpoints, timeout, progress)
-        except BaseException:
-            session.close()
-            raise
-    return session
 
 
 def _wait_for_ready(session: GuestSession, endpoints: GuestEndpoints, timeout_s: float,
@@ -252,10 +270,7 @@ def _wait_for_ready(session: GuestSession, endpoints: GuestEndpoints, timeout_s:
 
 
 def connect_host(host: HostConfig) -> RemoteHost:
-    remote = RemoteHost(RemoteHostSpec.from_host_config(
-        host, host.known_hosts, trust_on_first_use=host.trust_on_first_use, sudo=host.sudo))
-    remote.connect()
-    return remote
+    return RemoteHost(RemoteHostSpec.of(host)).connect()
 
 
 def attach_session(config: ClusterConfig, run: RunFolder, forwards: bool = True) -> GuestSession:
@@ -263,6 +278,15 @@ def attach_session(config: ClusterConfig, run: RunFolder, forwards: bool = True)
     if not run.file(SESSION_FILE).is_file():
         raise HarnessError(f"{run.path} has no {SESSION_FILE}: no guest was started from it")
     record = SessionRecord(**run.read_json(SESSION_FILE))
+    if record.cluster is not None:
+        if config.giantvm is None:
+            raise HarnessError(f"{run.path} started a GiantVM cluster, but {config.path} does "
+                               "not describe one; pass the config it was started with")
+        cluster = giantvm_pipeline.attach_cluster(
+            config, giantvm_pipeline.ClusterState.from_dict(record.cluster), run, record.vcpus,
+            config.vm.memory_mb, forwards)
+        record = replace(record, ssh_port=cluster.endpoints.ssh_port)
+        return GuestSession(record, cluster, run, config.timeouts.command_s)
     if record.remote is None:
         guest: QemuGuest | RemoteQemuGuest = QemuGuest(
             endpoints=GuestEndpoints(Path(record.kernel_console_log), Path(record.shell_socket),
@@ -296,8 +320,20 @@ def probe_guest(session: GuestSession, config: ClusterConfig,
     return samples
 
 
-def judge(samples: list[JiffiesSample], hz: int, config: ClusterConfig, run: RunFolder) -> Verdict:
-    verdict = check_samples(samples, hz, config.checks)
+def host_log_checks(session: GuestSession) -> list[CheckResult]:
+    """GiantVM only: every host's kernel log since the run began (host-dmesg.json holds it all)."""
+    if not isinstance(session.guest, GiantVMGuest):
+        return []
+    findings = session.guest.dmesg_findings()
+    session.run.write_json("host-dmesg.json", [asdict(host) for host in findings])
+    return giantvm_pipeline.dmesg_checks(findings)
+
+
+def judge(samples: list[JiffiesSample], hz: int, config: ClusterConfig, run: RunFolder,
+          host_checks: list[CheckResult] | None = None) -> Verdict:
+    sample_checks = check_samples(samples, hz, config.checks).checks or (CheckResult(
+        "jiffies samples", "-", False, 0.0, "at least one round", "no samples were taken"),)
+    verdict = Verdict(sample_checks + tuple(host_checks or ()))
     run.write_json("verdict.json", {"passed": verdict.passed,
                                     "checks": [check.to_dict() for check in verdict.checks]})
     write_junit(verdict, run.file("junit.xml"), f"gvm-harness.{config.name}")

@@ -103,6 +103,12 @@ class RemoteHostSpec:
                    key_file=host.key_file, known_hosts=known_hosts,
                    trust_on_first_use=trust_on_first_use, sudo=sudo, work_dir=host.work_dir)
 
+    @classmethod
+    def of(cls, host: HostConfig) -> RemoteHostSpec:
+        """The spec a config's host entry describes, with its own key policy and sudo."""
+        return cls.from_host_config(host, host.known_hosts,
+                                    trust_on_first_use=host.trust_on_first_use, sudo=host.sudo)
+
     @property
     def where(self) -> str:
         return f"host '{self.name}' ({self.user}@{self.address}:{self.port})"

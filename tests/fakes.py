@@ -1,9 +1,13 @@
 """Fakes shared by unit tests that stand in for a boundary (a port forward, an SSH channel,
-the clock)."""
+the clock, a cluster host)."""
 
+import shlex
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from harness.remote_host import (
+    DetachedProcess, HostUnreachable, RemoteHostError, RemoteHostSpec, RemoteResult)
 
 
 @dataclass
@@ -52,3 +56,129 @@ class SocketChannel:
 
     def close(self) -> None:
         self.sock.close()
+
+
+@dataclass
+class FakeProcess:
+    chunks: list[bytes]  # released one per read of the log
+    released: bytes = b""
+    alive: bool = True
+    dies_after_polls: int | None = None  # running_pid answers None after this many polls
+    exit_code: str = "1\n"
+    polls: int = 0
+
+
+@dataclass
+class FakeHost:
+    """Records every call (also into a shared event list) and answers from a script."""
+
+    name: str
+    ips: list[str]
+    events: list = field(default_factory=list)
+    listeners: list[str] = field(default_factory=list)  # "addr:port"
+    has_binary: bool = True
+    missing_files: tuple[str, ...] = ()
+    down: bool = False
+    script: dict[str, list[tuple[list[bytes], int | None]]] = field(default_factory=dict)
+    processes: dict[str, FakeProcess] = field(default_factory=dict)
+    dmesg: str = "[    1.0] old boot: kvm-dsm: BUG: from yesterday\n"
+    console: bytes = b"Linux version 4.15\n"
+    forwards: list = field(default_factory=list)
+    connected: bool = True
+    kvm_mode: str | None = "send_all"  # kvm.atomic_inc_mode; None: an unpatched kvm
+    closes: int = 0
+
+    @property
+    def spec(self) -> RemoteHostSpec:
+        return RemoteHostSpec(self.name, self.ips[0], work_dir="/srv/gvm")
+
+    def _call(self, *what) -> None:
+        self.events.append((self.name, *what))
+        if self.down:
+            raise HostUnreachable(f"host '{self.name}' (root@{self.ips[0]}:22): cannot connect: "
+                                  "[Errno 113] No route to host")
+
+    def connect(self) -> "FakeHost":
+        self._call("connect")
+        return self
+
+    def close(self) -> None:
+        self.closes += 1
+
+    def run(self, command, timeout_s=60.0, check=False, as_root=False) -> RemoteResult:
+        text = command if isinstance(command, str) else shlex.join(command)
+        self._call("run", text)
+        status, out = 0, ""
+        if text == "ip -4 -o addr show":
+            out = "1: lo    inet 127.0.0.1/8 scope host lo\n" + "".join(
+                f"2: eth0    inet {ip}/24 brd 10.0.0.255 scope global eth0\n" for ip in self.ips)
+        elif text == "ss -Htln":
+            out = "".join(f"LISTEN 0 128 {address} 0.0.0.0:*\n" for address in self.listeners)
+        elif text.startswith("test -x "):
+            status = 0 if self.has_binary else 1
+        elif text.startswith("test -r "):
+            status = 1 if text.split()[-1] in self.missing_files else 0
+        elif "/dev/kmsg" in text:
+            marker = shlex.split(text)[2]
+            self.dmesg += f"[  100.0] {marker}\n"
+        elif "/sys/module/kvm/parameters/atomic_inc_mode" in text:
+            if self.kvm_mode is None:
+                status = 3
+            else:
+                self.kvm_mode = text.split("printf %s ")[1].split(" ")[0]
+                out = self.kvm_mode
+        elif text == "dmesg":
+            out = self.dmesg
+        elif text.startswith("cat ") and "qemu.exit" in text:
+            name = next((n for n in self.processes if not self.processes[n].alive), None)
+            out = self.processes[name].exit_code if name else ""
+            status = 0 if name else 1
+        result = RemoteResult(self.name, text, status, out, "")
+        if check:
+            result.check()
+        return result
+
+    def start_detached(self, name, argv, as_root=False, timeout_s=15.0) -> DetachedProcess:
+        self._call("start_detached", name, list(argv))
+        chunks, dies = self.script.get(name, ([b"QEMU says hi\n"], None))  # type: ignore
+        self.processes[name] = FakeProcess(list(chunks), dies_after_polls=dies)
+        return DetachedProcess(self.name, name, 1000 + len(self.processes),
+                               f"/srv/gvm/proc/{name}.pid", f"/srv/gvm/proc/{name}.log")
+
+    def running_pid(self, name, as_root=False):
+        self._call("running_pid", name)
+        process = self.processes.get(name)
+        if process is None:
+            return None
+        process.polls += 1
+        if process.dies_after_polls is not None and process.polls > process.dies_after_polls:
+            process.alive = False
+        return 1000 if process.alive else None
+
+    def stop_detached(self, name, grace_s=5.0, as_root=False):
+        self._call("stop_detached", name)
+        process = self.processes.get(name)
+        if process is None:
+            return "not running"
+        was_alive, process.alive = process.alive, False
+        return "terminated" if was_alive else "had exited"
+
+    def read_file(self, path, offset=0, max_bytes=16 << 20) -> bytes:
+        self._call("read_file", path)
+        if path.endswith("console-kernel.log"):
+            return self.console[offset:offset + max_bytes]
+        name = Path(path).name.removesuffix(".log")
+        process = self.processes.get(name)
+        if process is None:
+            raise RemoteHostError(f"host '{self.name}': {path} does not exist")
+        if process.chunks and offset == len(process.released):
+            process.released += process.chunks.pop(0)
+        return process.released[offset:offset + max_bytes]
+
+    def forward(self, target, local_port=0, local_path=None) -> FakeForward:
+        forward = FakeForward(target, 0 if local_path else local_port or 45678, local_path)
+        self.forwards.append(forward)
+        return forward
+
+    def open_channel_to(self, target, origin=("127.0.0.1", 0), timeout_s=10.0):
+        raise RemoteHostError("not in this test")

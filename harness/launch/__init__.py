@@ -52,11 +52,21 @@ class RunningGuest(Protocol):
     endpoints: GuestEndpoints
     accelerator: str
 
+    @property
+    def pid(self) -> int:
+        """The process (group) to name when the user has to stop it by hand."""
+
     def exit_status(self) -> int | None:
         """None while the guest's QEMU processes run; their exit code once one has stopped."""
 
+    def qemu_log_tail(self, lines: int = 10) -> str:
+        """The end of QEMU's own output, for error messages."""
+
     def stop(self) -> None:
         """Stop every process of this guest; safe to call twice."""
+
+    def detach(self) -> None:
+        """Close this process's forwards and connections and leave the guest running."""
 
 
 class Launcher(Protocol):

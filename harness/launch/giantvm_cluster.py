@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Protocol, Sequence
 
 from harness.errors import BootError, HarnessError
-from harness.launch import GuestEndpoints
+from harness.launch import GuestEndpoints, unix_socket_path
 from harness.launch.giantvm import (
     DMESG_RUN_MARKER, DmesgFinding, GiantVMLauncher, GiantVMSpecError, busy_ports,
     check_node_addresses, parse_ip_addr, parse_listeners, scan_dmesg)
@@ -304,8 +304,9 @@ class GiantVMCluster:
     def _start_node(self, index: int) -> NodeProcess:
         node = self.launcher.nodes[index]
         host = self.hosts[node.host]
-        stale = [f"{node.work_dir}/{CONSOLE_FILE}", f"{node.work_dir}/{SHELL_SOCKET}",
-                 self.exit_file(index)]
+        stale = [f"{node.work_dir}/{CONSOLE_FILE}", self.exit_file(index)]
+        if index == 0:
+            stale.append(self.launcher.endpoints.shell_socket)
         try:
             host.run(f"mkdir -p {shlex.quote(node.work_dir)} && rm -f {shlex.join(stale)}",
                      check=True, timeout_s=15, as_root=self.as_root)
@@ -344,8 +345,22 @@ class GiantVMGuest:
             return self.console.endpoints
         local = self.cluster.local_dir
         return GuestEndpoints(kernel_console_log=local / CONSOLE_FILE,
-                              shell_socket=local / SHELL_SOCKET, ssh_host="127.0.0.1",
-                              ssh_port=0)
+                              shell_socket=unix_socket_path(local, SHELL_SOCKET),
+                              ssh_host="127.0.0.1", ssh_port=0)
+
+    @property
+    def pid(self) -> int:
+        """Node 0's process group on its host."""
+        return self.processes[0].pid if self.processes else 0
+
+    @classmethod
+    def attach(cls, cluster: GiantVMCluster, processes: Sequence[NodeProcess],
+               forwards: bool = True) -> GiantVMGuest:
+        """Reach a cluster an earlier invocation started; node 0's console log is resumed."""
+        guest = cls(cluster, list(processes))
+        if forwards:
+            guest.open_console(fresh=False)
+        return guest
 
     def _host(self, process: NodeProcess) -> ClusterHost:
         return self.cluster.hosts[process.host]
@@ -418,7 +433,7 @@ class GiantVMGuest:
         except RemoteHostError:
             pass
 
-    def open_console(self) -> None:
+    def open_console(self, fresh: bool = True) -> None:
         """Node 0's console tail, ttyS1 socket and SSH forward, through remote_qemu's pieces."""
         cluster = self.cluster
         process = self.processes[0]
@@ -431,10 +446,27 @@ class GiantVMGuest:
             remote_shell_socket=endpoints.shell_socket, remote_ssh_port=endpoints.ssh_port,
             remote_qemu_log=process.log_file, exit_file=process.exit_file,
             local_console_log=str(local / CONSOLE_FILE),
-            local_shell_socket=str(local / SHELL_SOCKET), local_ssh_port=0)
+            local_shell_socket=str(unix_socket_path(local, SHELL_SOCKET)), local_ssh_port=0)
         console = RemoteQemuGuest(self._host(process), state)  # type: ignore[arg-type]
-        console.open_local(fresh=True)
+        console.open_local(fresh=fresh)
         self.console = console
+
+    def qemu_log_tail(self, lines: int = 10) -> str:
+        """The end of every node's QEMU log: any of them may be the one that failed."""
+        tails = []
+        for process in self.processes:
+            self._refresh_quietly(process)
+            text = self._logs.get(process.node, _NodeLog()).text
+            tails.append(f"node {process.node} on host '{process.host}':\n"
+                         f"{log_tail(text, lines)}")
+        return "\n".join(tails) or "(no node was started)"
+
+    def detach(self) -> None:
+        """Close node 0's forwards and every host connection; the nodes keep running."""
+        if self.console is not None:
+            self.console.close_local()
+        for host in self.cluster._hosts():
+            host.close()
 
     # -- status ------------------------------------------------------------------------------
 

@@ -113,6 +113,9 @@ class QemuGuest:
         except FileNotFoundError:
             return "(no QEMU log)"
 
+    def detach(self) -> None:
+        """Nothing to close: a later command finds QEMU by its pid."""
+
     def stop(self) -> None:
         if self.exit_status() is not None:
             return

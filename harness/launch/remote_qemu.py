@@ -422,6 +422,10 @@ class RemoteQemuGuest:
             return f"(QEMU's log {self.state.remote_qemu_log} is out of reach: {error})"
         return result.stdout.strip() or "(QEMU's log is empty)"
 
+    def detach(self) -> None:
+        self.close_local()
+        self.host.close()
+
     def stop(self) -> None:
         """Stop QEMU's process group on the host (TERM, then KILL), the forwards and the tail.
 

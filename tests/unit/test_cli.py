@@ -40,3 +40,22 @@ def test_model_check_passes_for_a_shipped_variant(config_file: Path, capsys) -> 
     out = capsys.readouterr().out
     assert "shipped_local_first" in out and "FAIL" not in out
     assert (config_file.parent / "runs" / "latest" / "model-check.txt").is_file()
+
+
+def test_plan_prints_each_nodes_line_and_ports_without_running_anything(capsys) -> None:
+    assert main(["--config", str(DEFAULT_CONFIG.parent / "giantvm-2node.yaml"), "plan"]) == 0
+    out = capsys.readouterr().out
+    node0, node1 = out.split("# node 1 on node1\n")
+    for line, start in ((node0, 0), (node1, 2)):
+        assert f"-local-cpu '2,start={start},iplist=10.10.1.1 10.10.1.2'" in line
+        assert "-machine q35,kernel-irqchip=off -smp 4 -m 1024" in line
+        assert "--enable-kvm -cpu host" in line and "-shm-path" not in line
+    assert "-serial" in node0 and "e1000" in node0
+    assert "-serial" not in node1.split("# TCP")[0] and "-netdev" not in node1
+    assert "#   node1 10.10.1.2:37711 node 1 DSM (host kernel)" in out
+    assert "#   node1 10.10.1.2:40001 node 1 I/O router (QEMU)" in out
+
+
+def test_deploy_with_a_stock_qemu_config_exits_2(config_file: Path, capsys) -> None:
+    assert main(["--config", str(config_file), "deploy"]) == 2
+    assert "does not use the GiantVM launcher" in capsys.readouterr().err
