@@ -200,17 +200,24 @@ def boot_guest(config: ClusterConfig, kernel: Path, hz: int, run: RunFolder, pro
         where, cluster_state = config.hosts[0].name, None
     credentials = initramfs.credentials
     endpoints = guest.endpoints
-    record = SessionRecord(
-        pid=guest.pid, accelerator=accelerator,
-        kernel_console_log=str(endpoints.kernel_console_log),
-        shell_socket=str(endpoints.shell_socket),
-        ssh_port=endpoints.ssh_port, root_password=credentials.root_password,
-        client_key=str(credentials.client_key), host_key_type=credentials.host_key_type,
-        host_key_base64=credentials.host_key_base64, vcpus=config.vm.vcpus,
-        vcpus_per_node=config.vm.vcpus_per_node, hz=hz, host=where,
-        remote=guest.state.to_dict() if isinstance(guest, RemoteQemuGuest) else None,
-        cluster=cluster_state)
-    run.write_json(SESSION_FILE, asdict(record)).chmod(0o600)  # holds the root password
+    try:  # from here on the guest runs: nothing may leave it behind
+        record = SessionRecord(
+            pid=guest.pid, accelerator=accelerator,
+            kernel_console_log=str(endpoints.kernel_console_log),
+            shell_socket=str(endpoints.shell_socket),
+            ssh_port=endpoints.ssh_port, root_password=credentials.root_password,
+            client_key=str(credentials.client_key), host_key_type=credentials.host_key_type,
+            host_key_base64=credentials.host_key_base64, vcpus=config.vm.vcpus,
+            vcpus_per_node=config.vm.vcpus_per_node, hz=hz, host=where,
+            remote=guest.state.to_dict() if isinstance(guest, RemoteQemuGuest) else None,
+            cluster=cluster_state)
+        run.write_json(SESSION_FILE, asdict(record)).chmod(0o600)  # holds the root password
+    except BaseException:
+        try:
+            guest.stop()
+        finally:
+            guest.detach()
+        raise
     session = GuestSession(record, guest, run, config.timeouts.command_s)
     try:
         with progress.step(f"boot {config.vm.vcpus} vCPUs under {accelerator.upper()} on "
