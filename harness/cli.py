@@ -12,7 +12,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from harness import giantvm_pipeline, host_tree, modelcheck, pipeline
+from harness import bochs_host, giantvm_pipeline, host_tree, modelcheck, pipeline
 from harness.config import DEFAULT_CONFIG, ClusterConfig, load_config
 from harness.errors import HarnessError
 from harness.launch import BootSpec
@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
                                        "host").set_defaults(handler=_deploy)
     commands.add_parser("plan", help="print the QEMU command line of every node, run nothing") \
         .set_defaults(handler=_plan)
+    commands.add_parser("bochs-host", help="boot the config's Bochs-emulated VMX host, report "
+                                           "what it offers KVM, stop it") \
+        .set_defaults(handler=_bochs_host)
     host = commands.add_parser("host-build", help="apply the host series to a Linux-DSM tree and "
                                                   "build its kvm (modules, or the whole kernel)")
     host.add_argument("--tree", type=Path, required=True, help="the Linux-DSM source tree")
@@ -213,6 +216,28 @@ def _deploy(args: argparse.Namespace, config: ClusterConfig, progress: Progress)
     run = RunFolder.create(config.run_root, f"deploy-{config.name}")
     giantvm_pipeline.deploy_host_kvm(config, run, progress)
     progress.say(f"run folder: {run.path}")
+    return 0
+
+
+def _bochs_host(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
+    if config.bochs_host is None:
+        raise HarnessError(f"{config.path} has no bochs_host section (kernel, memory_mb, ...)")
+    run = RunFolder.create(config.run_root, f"bochs-{config.name}")
+    host = bochs_host.start_bochs_host(config.bochs_host, run, progress)
+    try:
+        facts = host.facts()
+    finally:
+        host.stop()
+    run.write_json("bochs-host.json", {"boot_s": host.boot_s, "ssh_s": host.ssh_s,
+                                       "facts": asdict(facts)})
+    print(f"kernel {facts.kernel_release}: ready after {host.boot_s:.1f}s, SSH after "
+          f"{host.ssh_s:.1f}s more")
+    print(f"CPU flags for kvm-intel: {' '.join(facts.cpu_flags) or 'none'}; /dev/kvm: "
+          f"{'yes' if facts.dev_kvm else 'no'}; kvm.atomic_inc_mode: "
+          f"{facts.atomic_inc_mode or 'absent (not a patched kvm)'}")
+    for line in facts.kvm_log:
+        print(f"    {line}")
+    print(f"run folder: {run.path}")
     return 0
 
 

@@ -26,6 +26,7 @@ ACCELERATORS = ("auto", "tcg", "kvm")
 PROBE_TRANSPORTS = ("ssh", "serial")
 ATOMIC_INC_MODES = ("send_all", "local_first")  # kvm.atomic_inc_mode (host_patches/README.md)
 BOOT_MODES = ("once", "default")  # host_install: grub-reboot or grub-set-default
+BOCHS_CLOCK_SYNCS = ("slowdown", "realtime", "both", "none")  # Bochs' `clock: sync=`
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,19 @@ class GiantVMConfig:
 
 
 @dataclass(frozen=True)
+class BochsHostConfig:
+    """A Bochs-emulated host with VMX (harness/bochs_host.py): the kernel it boots and its shape."""
+
+    kernel: Path
+    memory_mb: int
+    cpus: int
+    ips: int
+    clock_sync: str
+    cmdline: str
+    boot_timeout_s: float
+
+
+@dataclass(frozen=True)
 class ProbeConfig:
     rounds: int
     interval_s: float
@@ -157,6 +171,7 @@ class ClusterConfig:
     checks: CheckConfig
     timeouts: TimeoutConfig
     giantvm: GiantVMConfig | None = None
+    bochs_host: BochsHostConfig | None = None
 
     def host(self, name: str) -> HostConfig:
         return next(host for host in self.hosts if host.name == name)
@@ -276,6 +291,8 @@ def parse_config(path: Path, data: Any) -> ClusterConfig:
     checks = _parse_checks(top.section("checks"))
     timeouts = _parse_timeouts(top.section("timeouts"))
     giantvm_section = top.section("giantvm") if "giantvm" in top.data else None
+    bochs_host = _parse_bochs_host(top.section("bochs_host")) if "bochs_host" in top.data \
+        else None
     top.done()
     names = [host.name for host in hosts]
     if len(set(names)) != len(names):
@@ -291,7 +308,7 @@ def parse_config(path: Path, data: Any) -> ClusterConfig:
                                    "the launcher")
     return ClusterConfig(path=path, name=name, run_root=run_root, cache_dir=cache_dir,
                          hosts=hosts, guest=guest, vm=vm, probe=probe, checks=checks,
-                         timeouts=timeouts, giantvm=giantvm)
+                         timeouts=timeouts, giantvm=giantvm, bochs_host=bochs_host)
 
 
 def _default_cache_dir() -> Path:
@@ -435,6 +452,22 @@ def _required_path(section: _Section, key: str) -> Path:
     path = section.path(key, default=_REQUIRED)
     assert path is not None
     return path
+
+
+def _parse_bochs_host(section: _Section) -> BochsHostConfig:
+    kernel = section.path("kernel", default=_REQUIRED)
+    assert kernel is not None
+    bochs = BochsHostConfig(
+        kernel=kernel,
+        memory_mb=section.integer("memory_mb", 1024, 64, 16384),
+        cpus=section.integer("cpus", 1, 1, 8),
+        ips=section.integer("ips", 50_000_000, 1_000_000, 4_000_000_000),
+        clock_sync=section.string("clock_sync", default="slowdown", choices=BOCHS_CLOCK_SYNCS),
+        cmdline=section.string("cmdline", default="console=ttyS0 panic=-1"),
+        boot_timeout_s=section.number("boot_timeout_s", 600, 1, 86400),
+    )
+    section.done()
+    return bochs
 
 
 def _parse_probe(section: _Section) -> ProbeConfig:

@@ -148,3 +148,16 @@ def test_a_giantvm_section_needs_the_giantvm_launcher() -> None:
     data["giantvm"] = giantvm_base()["giantvm"]
     with pytest.raises(ConfigError, match=r"giantvm: is only read with vm.launcher 'giantvm'"):
         parse(data)
+
+
+def test_a_bochs_host_section_with_its_defaults(tmp_path: Path) -> None:
+    data = base()
+    data["guest"]["kernel"]["config"]["fragments"] = []
+    data["guest"]["kernel"]["patches"] = None
+    data["bochs_host"] = {"kernel": "bzImage-dsm"}
+    bochs = parse(data, tmp_path / "bochs.yaml").bochs_host
+    assert bochs.kernel == (tmp_path / "bzImage-dsm").resolve()
+    assert (bochs.memory_mb, bochs.cpus, bochs.clock_sync) == (1024, 1, "slowdown")
+    data["bochs_host"] = {"kernel": "k", "clock_sync": "fast"}
+    with pytest.raises(ConfigError, match=r"bochs_host.clock_sync: 'fast' is not one of: slowdown"):
+        parse(data, tmp_path / "bochs.yaml")
