@@ -100,8 +100,10 @@ def upload_file(host: RemoteHost, local: Path, remote_path: str, sha256: str | N
             sftp.posix_rename(temporary, remote_path)
     except (RemoteHostError, DeployError, paramiko.SSHException, OSError, EOFError) as error:
         _remove_quietly(host, temporary)
-        reason = f"the SSH connection was lost ({type(error).__name__})" \
-            if not host.connected else str(error) or type(error).__name__
+        # EOFError: the SFTP channel closed under us, often before the transport notices
+        lost = isinstance(error, EOFError) or not host.connected
+        reason = f"the SSH connection was lost ({type(error).__name__})" if lost \
+            else str(error) or type(error).__name__
         message = error if isinstance(error, DeployError) else \
             f"uploading {local} to {where}:{remote_path} failed: {reason}"
         raise DeployError(f"{message}; {remote_path} on {where} is as it was before") from None

@@ -16,7 +16,7 @@ def settings(text: str) -> dict[str, str]:
 def test_bochsrc_boots_the_cd_with_vmx_and_logs_com1_into_the_run_folder(tmp_path) -> None:
     config = settings(bochsrc(BochsMachine(memory_mb=2048, cpus=2, ips=80_000_000),
                               tmp_path / "boot.iso", tmp_path))
-    assert config["cpu"].startswith(f"model={CPU_MODEL}, count=2, ips=80000000")
+    assert config["cpu"].startswith(f"model={CPU_MODEL}, count=1:2:1, ips=80000000")
     assert config["memory"] == "guest=2048, host=2048"
     assert config["ata0-master"] == f"type=cdrom, path={tmp_path / 'boot.iso'}, status=inserted"
     assert config["boot"] == "cdrom"
@@ -50,3 +50,10 @@ def test_the_cd_holds_kernel_initrd_and_an_el_torito_boot_record(tmp_path) -> No
     report = subprocess.run(["xorriso", "-indev", str(iso), "-report_el_torito", "plain"],
                             capture_output=True, text=True, check=True).stdout
     assert "El Torito boot img" in report and "none" in report  # no-emulation boot
+
+
+def test_several_cpus_boot_without_the_hpet() -> None:
+    one = BochsLauncher(Path("/k"), Path("/i"), "console=ttyS0", Path("/r"))
+    two = BochsLauncher(Path("/k"), Path("/i"), "console=ttyS0", Path("/r"), BochsMachine(cpus=2))
+    assert one.kernel_cmdline == "console=ttyS0"
+    assert two.kernel_cmdline == "console=ttyS0 nohpet"
