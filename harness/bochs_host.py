@@ -11,16 +11,15 @@ which dropbear does not serve.
 
 from __future__ import annotations
 
-import socket
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from harness import rootfs
 from harness.config import BochsHostConfig
 from harness.errors import HarnessError
 from harness.guest_ssh import wait_for_banner
 from harness.launch.bochs import BochsLauncher, BochsMachine, BochsProcess
+from harness.launch.qemu import free_loopback_port
 from harness.progress import Progress
 from harness.remote_host import HostKeyError, RemoteHost, RemoteHostError, RemoteHostSpec
 from harness.run_folder import RunFolder
@@ -34,7 +33,7 @@ class BochsHostError(HarnessError):
 
 
 @dataclass(frozen=True)
-class HostFacts:
+class MachineFacts:
     """What the machine says about itself once it is up."""
 
     kernel_release: str
@@ -52,7 +51,7 @@ class RunningBochsHost:
     ssh_s: float
     closed: bool = field(default=False, repr=False)
 
-    def facts(self) -> HostFacts:
+    def facts(self) -> MachineFacts:
         script = "; ".join([
             "uname -r",
             "grep -o -w -E 'vmx|ept|vpid' /proc/cpuinfo | sort -u | tr '\\n' ' '; echo",
@@ -62,7 +61,7 @@ class RunningBochsHost:
         lines = self.remote.run(script, timeout_s=60, check=True).stdout.splitlines()
         if len(lines) < 4:
             raise BochsHostError(f"the Bochs machine answered {lines!r} to the facts script")
-        return HostFacts(kernel_release=lines[0].strip(), cpu_flags=tuple(lines[1].split()),
+        return MachineFacts(kernel_release=lines[0].strip(), cpu_flags=tuple(lines[1].split()),
                          dev_kvm=lines[2].strip() == "kvm-yes",
                          atomic_inc_mode=None if lines[3].strip() == "-" else lines[3].strip(),
                          kvm_log=tuple(line.strip() for line in lines[4:]))
@@ -72,12 +71,6 @@ class RunningBochsHost:
         self.remote.close()
         self.process.stop()
         self.closed = True
-
-
-def free_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_bochs_host(config: BochsHostConfig, run: RunFolder, progress: Progress,

@@ -1,4 +1,5 @@
-"""Run a command on this machine with its full output in a log file and a live status line."""
+"""Run a command on this machine with its full output in a log file and a live status line, and
+stop a detached one (QEMU, Bochs) by its process group."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Callable
 
 from harness.errors import CommandError
 from harness.progress import Progress
+
+STOP_GRACE_S = 5.0
 
 
 def run_logged(args: list[str], log_path: Path, progress: Progress, cwd: Path | None = None,
@@ -63,3 +66,22 @@ def run_captured(args: list[str], cwd: Path | None = None, env: dict[str, str] |
         raise CommandError(f"`{' '.join(args)}` exited with {result.returncode}: "
                            f"{result.stderr.strip() or result.stdout.strip()}")
     return result.stdout
+
+
+def stop_process_group(pid: int, has_exited: Callable[[], bool],
+                       process: subprocess.Popen | None = None) -> None:
+    """TERM the session `pid` leads, KILL it if it outlives STOP_GRACE_S; reap `process` (our
+    child) so no zombie stays behind. Safe when it is already gone."""
+    if has_exited():
+        return
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + STOP_GRACE_S
+    while not has_exited() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not has_exited():
+        os.killpg(pid, signal.SIGKILL)
+        if process is not None:
+            process.wait()

@@ -13,7 +13,6 @@ with a pid file; `stop` ends the whole group.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import tempfile
 import time
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.errors import BootError
-from harness.local_command import run_captured
+from harness.local_command import run_captured, stop_process_group
 
 CPU_MODEL = "corei7_haswell_4770"  # Haswell: VMX with EPT, VPID, unrestricted guest
 BIOS = Path("/usr/share/bochs/BIOS-bochs-latest")
@@ -31,7 +30,6 @@ LDLINUX_C32 = Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")
 SERIAL_LOG = "bochs-serial.log"
 SLIRP_CONFIG = "bochs-slirp.conf"
 BOCHS_LOG = "bochs.log"
-STOP_GRACE_S = 5.0
 POLL_S = 0.2
 
 
@@ -203,16 +201,4 @@ class BochsProcess:
 
     def stop(self) -> None:
         """TERM the whole session, then KILL what is left; safe to call twice."""
-        if self.exit_status() is not None:
-            return
-        try:
-            os.killpg(self.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + STOP_GRACE_S
-        while self.exit_status() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if self.exit_status() is None:
-            os.killpg(self.pid, signal.SIGKILL)
-            if self.process is not None:
-                self.process.wait()
+        stop_process_group(self.pid, lambda: self.exit_status() is not None, self.process)

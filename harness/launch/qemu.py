@@ -7,8 +7,6 @@ session (process group) with a pid file, so `stop`, `down` and Ctrl-C can always
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import subprocess
 import time
@@ -17,8 +15,8 @@ from pathlib import Path
 
 from harness.errors import BootError
 from harness.launch import BootSpec, GuestEndpoints, unix_socket_path
+from harness.local_command import stop_process_group
 
-STOP_GRACE_S = 5.0
 
 
 def free_loopback_port() -> int:
@@ -117,16 +115,4 @@ class QemuGuest:
         """Nothing to close: a later command finds QEMU by its pid."""
 
     def stop(self) -> None:
-        if self.exit_status() is not None:
-            return
-        try:
-            os.killpg(self.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + STOP_GRACE_S
-        while self.exit_status() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if self.exit_status() is None:
-            os.killpg(self.pid, signal.SIGKILL)
-            if self.process is not None:
-                self.process.wait()
+        stop_process_group(self.pid, lambda: self.exit_status() is not None, self.process)
