@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from harness.config import DEFAULT_CONFIG
+from tests.configs import shipped_config
 
 pytestmark = pytest.mark.e2e
 REPO = DEFAULT_CONFIG.parent.parent
@@ -26,11 +27,7 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_during_the_probe_stops_qemu(tmp_path: Path, guest_kernel, stop_signal) -> None:
-    data = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    data["run_dir"] = str(tmp_path / "runs")
-    data["guest"]["kernel"]["patches"] = str(REPO / "guest_patches")
-    data["guest"]["kernel"]["config"]["fragments"] = [
-        str(DEFAULT_CONFIG.parent / f) for f in data["guest"]["kernel"]["config"]["fragments"]]
+    data = shipped_config(tmp_path / "runs")
     data["probe"]["rounds"] = 10000
     config = tmp_path / "interrupt.yaml"
     config.write_text(yaml.safe_dump(data))

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from harness.cli import main
-from harness.config import DEFAULT_CONFIG
+from tests.configs import shipped_config
 from tests.e2e.netns_hosts import NetnsHost, NetnsLab, lab_or_skip
 
 pytestmark = pytest.mark.e2e
@@ -29,11 +29,7 @@ def qemu_in(host: NetnsHost, lab: NetnsLab) -> list[int]:
 @pytest.fixture
 def remote_config(tmp_path: Path, lab: NetnsLab, guest_kernel) -> list[str]:
     host = lab.hosts[0]
-    data = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    data["run_dir"] = str(tmp_path / "runs")
-    data["guest"]["kernel"]["patches"] = str(DEFAULT_CONFIG.parent.parent / "guest_patches")
-    data["guest"]["kernel"]["config"]["fragments"] = [
-        str(DEFAULT_CONFIG.parent / f) for f in data["guest"]["kernel"]["config"]["fragments"]]
+    data = shipped_config(tmp_path / "runs")
     data["probe"]["rounds"] = 5
     data["hosts"] = [{"name": host.name, "address": host.address, "user": "root",
                       "key_file": str(lab.client_key), "known_hosts": str(lab.known_hosts),

@@ -8,18 +8,15 @@ import yaml
 
 from harness.cli import main
 from harness import pipeline
-from harness.config import DEFAULT_CONFIG, load_config
+from harness.config import load_config
 from harness.run_folder import RunFolder
+from tests.configs import shipped_config
 
 pytestmark = pytest.mark.e2e
 
 
 def test_up_status_probe_down(tmp_path: Path, guest_kernel, capsys) -> None:
-    data = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    data["run_dir"] = str(tmp_path / "runs")
-    data["guest"]["kernel"]["patches"] = str(DEFAULT_CONFIG.parent.parent / "guest_patches")
-    data["guest"]["kernel"]["config"]["fragments"] = [
-        str(DEFAULT_CONFIG.parent / f) for f in data["guest"]["kernel"]["config"]["fragments"]]
+    data = shipped_config(tmp_path / "runs")
     data["probe"]["rounds"] = 5
     config = tmp_path / "updown.yaml"
     config.write_text(yaml.safe_dump(data))

@@ -14,11 +14,12 @@ import pytest
 import yaml
 
 from harness import giantvm_pipeline
-from harness.config import REPO_ROOT, ClusterConfig, parse_config
+from harness.config import ClusterConfig, parse_config
 from harness.launch import BootSpec
 from harness.launch.giantvm_cluster import ClusterError, ClusterPreflightError, GiantVMCluster
 from harness.progress import Progress
 from harness.run_folder import RunFolder
+from tests.configs import shipped_config
 from tests.e2e.netns_hosts import NetnsLab, lab_or_skip
 
 pytestmark = pytest.mark.e2e
@@ -32,16 +33,13 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetnsLab]:
 
 @pytest.fixture
 def config(lab: NetnsLab, tmp_path: Path) -> ClusterConfig:
-    data = yaml.safe_load((REPO_ROOT / "vm_configs" / "giantvm-2node.yaml").read_text())
+    data = shipped_config(tmp_path / "runs", "giantvm-2node.yaml")
     work_dir = tmp_path / "work"  # the namespaces share this file system
     data["hosts"] = [{"name": host.name, "address": host.address, "user": "root",
                       "key_file": str(lab.client_key), "known_hosts": str(lab.known_hosts),
                       "work_dir": str(work_dir)} for host in lab.hosts]
     data["giantvm"]["nodes"] = [{"host": host.name, "ip": host.address} for host in lab.hosts]
     data["giantvm"]["ssh_port"] = 21022
-    data["guest"]["kernel"]["patches"] = str(REPO_ROOT / "guest_patches")
-    data["guest"]["kernel"]["config"]["fragments"] = []
-    data["run_dir"] = str(tmp_path / "runs")
     return parse_config(tmp_path / "giantvm.yaml", data)
 
 

@@ -8,15 +8,12 @@ import yaml
 
 from harness.cli import main
 from harness.config import DEFAULT_CONFIG
+from tests.configs import shipped_config
 
 
 @pytest.fixture
 def config_file(tmp_path: Path) -> Path:
-    data = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    data["run_dir"] = str(tmp_path / "runs")
-    data["guest"]["kernel"]["patches"] = str(DEFAULT_CONFIG.parent / data["guest"]["kernel"]["patches"])
-    data["guest"]["kernel"]["config"]["fragments"] = [
-        str(DEFAULT_CONFIG.parent / f) for f in data["guest"]["kernel"]["config"]["fragments"]]
+    data = shipped_config(tmp_path / "runs")
     path = tmp_path / "cli.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from harness import giantvm_pipeline
 from harness.config import REPO_ROOT, parse_config
@@ -20,6 +19,7 @@ from harness.launch.giantvm_cluster import ClusterError, HostDmesg
 from harness.progress import Progress
 from harness.remote_host import ParallelResult, HostOutcome
 from harness.run_folder import RunFolder
+from tests.configs import shipped_config
 from tests.fakes import FakeHost
 from tests.unit.launch.test_giantvm_cluster import good_log
 
@@ -28,14 +28,10 @@ EXAMPLE = REPO_ROOT / "vm_configs" / "giantvm-2node.yaml"
 
 def config_with(tmp_path: Path, **giantvm):
     """The 2-node example, its hosts renamed to the fakes' and its files in tmp_path."""
-    data = yaml.safe_load(EXAMPLE.read_text())
+    data = shipped_config(tmp_path / "runs", EXAMPLE.name)
     for index, host in enumerate(data["hosts"]):
         host.update(name=f"h{index}", address=f"10.0.0.{index + 1}", work_dir="/srv/gvm")
     data["giantvm"]["nodes"] = [{"host": "h0", "ip": "10.0.0.1"}, {"host": "h1", "ip": "10.0.0.2"}]
-    data["guest"]["kernel"]["patches"] = str(REPO_ROOT / "guest_patches")
-    data["guest"]["kernel"]["config"]["fragments"] = [
-        str(REPO_ROOT / "vm_configs" / f) for f in data["guest"]["kernel"]["config"]["fragments"]]
-    data["run_dir"] = str(tmp_path / "runs")
     modules = {"kvm_ko": str(tmp_path / "kvm.ko"), "kvm_intel_ko": str(tmp_path / "kvm-intel.ko")}
     data["giantvm"]["host_modules"] = modules
     data["giantvm"].update(giantvm)
@@ -148,10 +144,7 @@ def test_deploy_kernel_installs_and_reboots_every_host(tmp_path, run, monkeypatc
 
 
 def test_deploy_of_a_stock_qemu_config_says_there_is_nothing_to_deploy(tmp_path, run) -> None:
-    data = yaml.safe_load((REPO_ROOT / "vm_configs" / "local.yaml").read_text())
-    data["guest"]["kernel"]["patches"] = str(REPO_ROOT / "guest_patches")
-    data["guest"]["kernel"]["config"]["fragments"] = []
-    config = parse_config(tmp_path / "local.yaml", data)
+    config = parse_config(tmp_path / "local.yaml", shipped_config(tmp_path / "runs"))
     with pytest.raises(Exception, match="does not use the GiantVM launcher"):
         giantvm_pipeline.deploy_host_kvm(config, run, Progress())
 
