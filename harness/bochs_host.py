@@ -4,9 +4,8 @@ SSH like any other host, and stops again.
 The machine boots the configured kernel (a Linux-DSM host kernel, or any x86_64 kernel) with the
 harness's own initramfs, so it has busybox, dropbear with this run's pinned host key, and the
 run's client key. Bochs' slirp forwards a free loopback port to its sshd; the known_hosts entry
-for that port is written into the run folder, and the harness's RemoteHost then runs commands and
-detached processes on it as on a CloudLab machine. Uploads are not possible yet: they use SFTP,
-which dropbear does not serve.
+for that port is written into the run folder, and the harness's RemoteHost then runs commands,
+detached processes and SFTP uploads on it as on a CloudLab machine.
 """
 
 from __future__ import annotations

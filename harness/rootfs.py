@@ -1,4 +1,5 @@
-"""The guest's initramfs: busybox, dropbear and per-run keys, as a deterministic newc cpio.
+"""The guest's initramfs: busybox, dropbear (with OpenSSH's sftp-server, so uploads work as on any
+host) and per-run keys, as a deterministic newc cpio.
 
 The archive is written here rather than by `cpio` so that order, owners and timestamps are fixed
 by construction: the same inputs give the same bytes. Keys and the root password are generated per
@@ -23,6 +24,8 @@ from harness.local_command import run_captured
 
 BUSYBOX = Path("/bin/busybox")
 DROPBEAR = Path("/usr/sbin/dropbear")
+SFTP_SERVER = Path("/usr/lib/openssh/sftp-server")
+DROPBEAR_SFTP_PATH = "usr/lib/sftp-server"  # where Debian's dropbear execs the sftp subsystem
 GUEST_ADDRESS = "10.0.2.15/24"
 GUEST_GATEWAY = "10.0.2.2"
 READY_MARKER = "GVM-HARNESS: guest ready"
@@ -70,10 +73,10 @@ class Initramfs:
 
 def build_initramfs(out_dir: Path) -> Initramfs:
     """Generate this run's keys and password, then write `initramfs.cpio` into `out_dir`."""
-    for tool in (BUSYBOX, DROPBEAR):
+    for tool in (BUSYBOX, DROPBEAR, SFTP_SERVER):
         if not tool.is_file():
             raise BuildError(f"{tool} is missing; run ./gvm setup (packages busybox-static, "
-                             "dropbear-bin)")
+                             "dropbear-bin, openssh-sftp-server)")
     keys = out_dir / "keys"
     keys.mkdir(parents=True, exist_ok=True)
     credentials = _generate_credentials(keys)
@@ -88,7 +91,9 @@ def build_initramfs(out_dir: Path) -> Initramfs:
         if applet != "bin/busybox":
             archive.add_symlink(applet, "/bin/busybox")
     archive.add_file("usr/sbin/dropbear", DROPBEAR.read_bytes(), 0o755)
-    for library in _shared_libraries(DROPBEAR):
+    archive.add_file(DROPBEAR_SFTP_PATH, SFTP_SERVER.read_bytes(), 0o755)
+    libraries = sorted(set(_shared_libraries(DROPBEAR)) | set(_shared_libraries(SFTP_SERVER)))
+    for library in libraries:
         archive.add_file(str(library).lstrip("/"), library.read_bytes(), 0o755)
     archive.add_symlink("init", "/sbin/init")
     archive.add_file("etc/init.d/rcS", INIT_SCRIPT.encode(), 0o755)

@@ -17,6 +17,7 @@ import pytest
 
 from harness.bochs_host import start_bochs_host
 from harness.config import BochsHostConfig
+from harness.deploy import sha256_file, upload_file
 from harness.giantvm_pipeline import select_atomic_inc_mode
 from harness.launch.bochs import ISOLINUX_BIN
 from harness.progress import Progress
@@ -39,12 +40,18 @@ def bochs_config(kernel: Path, memory_mb: int) -> BochsHostConfig:
 def test_the_harness_starts_reaches_and_stops_a_bochs_machine_with_vmx(guest_kernel,
                                                                       tmp_path) -> None:
     run = RunFolder.create(tmp_path / "runs", "bochs")
+    payload = tmp_path / "payload.bin"
+    payload.write_bytes(os.urandom(256 << 10))
     host = start_bochs_host(bochs_config(Path(guest_kernel.build.bzimage.path), 256), run,
                             Progress())
     try:
         facts = host.facts()
+        upload = upload_file(host.remote, payload, "/tmp/gvm-harness/payload.bin")
+        on_the_machine = host.remote.run("sha256sum /tmp/gvm-harness/payload.bin",
+                                         check=True).stdout.split()[0]
     finally:
         host.stop()
+    assert upload.uploaded and on_the_machine == sha256_file(payload)
     assert facts.kernel_release == guest_kernel.build.kernel_release
     assert set(facts.cpu_flags) == {"vmx", "ept", "vpid"}
     assert not facts.dev_kvm and facts.atomic_inc_mode is None  # this kernel has no KVM

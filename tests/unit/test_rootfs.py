@@ -3,7 +3,8 @@
 import subprocess
 from pathlib import Path
 
-from harness.rootfs import READY_MARKER, CpioArchive, build_initramfs
+from harness.rootfs import (DROPBEAR, DROPBEAR_SFTP_PATH, READY_MARKER, CpioArchive,
+                            build_initramfs)
 
 
 def test_archive_is_deterministic_and_readable(tmp_path: Path) -> None:
@@ -31,9 +32,15 @@ def test_initramfs_has_init_keys_and_login(tmp_path: Path) -> None:
                    check=True)
     assert (extract / "bin/busybox").is_file()
     assert (extract / "usr/sbin/dropbear").is_file()
+    assert (extract / DROPBEAR_SFTP_PATH).is_file()
     assert READY_MARKER in (extract / "etc/init.d/rcS").read_text()
     assert (extract / "root/.ssh/authorized_keys").read_text() == \
         result.credentials.client_key.with_suffix(".pub").read_text()
     assert (extract / "etc/shadow").read_text().startswith("root:$6$")
     assert result.credentials.host_key_type == "ssh-ed25519"
     assert (tmp_path / "keys/root_password").stat().st_mode & 0o077 == 0
+
+
+def test_the_sftp_server_sits_where_this_dropbear_looks_for_it() -> None:
+    """A dropbear built with another SFTPSERVER_PATH would leave every upload failing."""
+    assert ("/" + DROPBEAR_SFTP_PATH).encode() in DROPBEAR.read_bytes()
