@@ -26,13 +26,19 @@ from typing import Callable, Mapping, Protocol, Sequence
 import paramiko
 
 from harness.errors import HarnessError
-from harness.remote_host import ParallelResult, RemoteHost, RemoteHostError, RemoteResult, on_hosts
+from harness.remote_host import (
+    COMMAND_TIMEOUT_S, ParallelResult, RemoteHost, RemoteHostError, RemoteResult, on_hosts)
 
 PART_SUFFIX = ".gvm-part"
 ARTIFACT_DIR = "artifacts"  # under each host's work_dir
 KVM_MODULES = ("kvm", "kvm_intel")  # load order; unloaded in reverse
 ATOMIC_INC_PARAM = "atomic_inc_mode"  # only the patched kvm.ko has it (host_patches/README.md)
 STATE_FILE = "kvm-modules.state"
+SLOWEST_HASH_BYTES_PER_S = 256 << 10
+QEMU_BUILD_BINARY = "x86_64-softmmu/qemu-system-x86_64"  # in a QEMU 2.8 build tree
+# What a -kernel boot with an e1000 loads from pc-bios/ (-nodefaults: no VGA BIOS)
+QEMU_BUILD_FIRMWARE = ("bios-256k.bin", "kvmvapic.bin", "linuxboot.bin", "linuxboot_dma.bin",
+                       "efi-e1000.rom")
 
 
 class DeployError(HarnessError):
@@ -62,10 +68,18 @@ def artifact_path(store_dir: str, sha256: str, name: str) -> str:
     return f"{store_dir}/{sha256}/{name}"
 
 
-def remote_sha256(host: CommandHost, path: str) -> str | None:
-    """The file's sha256 on the host, or None if there is no file there."""
+def hash_timeout_s(size: int) -> float:
+    """How long `sha256sum` may take for `size` bytes: a Bochs-emulated host hashes at well
+    under 1 MB/s, a real one at hundreds."""
+    return COMMAND_TIMEOUT_S + size / SLOWEST_HASH_BYTES_PER_S
+
+
+def remote_sha256(host: CommandHost, path: str, size: int = 0) -> str | None:
+    """The file's sha256 on the host, or None if there is no file there; `size` is what the
+    file is expected to hold, for the time the hash may take."""
     quoted = shlex.quote(path)
-    output = host.run(f"if [ -e {quoted} ]; then sha256sum {quoted}; fi", check=True).stdout
+    output = host.run(f"if [ -e {quoted} ]; then sha256sum {quoted}; fi", check=True,
+                      timeout_s=hash_timeout_s(size)).stdout
     return output.split()[0] if output.strip() else None
 
 
@@ -81,7 +95,7 @@ def upload_file(host: RemoteHost, local: Path, remote_path: str, sha256: str | N
     size = local.stat().st_size
     where = f"host '{host.name}'"
     try:
-        if remote_sha256(host, remote_path) == sha256:
+        if remote_sha256(host, remote_path, size) == sha256:
             return UploadResult(host.name, local, remote_path, sha256, size, uploaded=False)
         directory, name = posixpath.split(remote_path)
         stale_parts = shlex.quote(f"{directory}/.{name}.") + "*" + PART_SUFFIX
@@ -92,7 +106,7 @@ def upload_file(host: RemoteHost, local: Path, remote_path: str, sha256: str | N
     try:
         with host.sftp(stall_timeout_s) as sftp:
             sftp.put(str(local), temporary, callback=progress, confirm=True)
-            received = remote_sha256(host, temporary)
+            received = remote_sha256(host, temporary, size)
             if received != sha256:
                 raise DeployError(f"{local.name} arrived on {where} with sha256 {received}, not "
                                   f"{sha256}; the transfer corrupted it: check the host's disk "
@@ -116,6 +130,33 @@ def _remove_quietly(host: RemoteHost, path: str) -> None:
         host.run(f"rm -f {shlex.quote(path)}", timeout_s=10)
     except RemoteHostError:
         pass
+
+
+def upload_qemu_build(host: RemoteHost, tree: Path) -> str:
+    """Put a QEMU build's binary and the firmware it loads on `host`; return the binary's path.
+
+    For a GiantVM QEMU built on one machine and run on hosts that have no build of their own. The
+    tree's layout is kept, because a QEMU 2.8 binary finds its firmware in ../pc-bios; the
+    directory is named after the binary's digest, so builds never overwrite each other.
+    """
+    binary = tree / QEMU_BUILD_BINARY
+    files = [binary] + [tree / "pc-bios" / name for name in QEMU_BUILD_FIRMWARE]
+    missing = [str(path.relative_to(tree)) for path in files if not path.is_file()]
+    if missing:
+        raise DeployError(f"{tree} is not a built QEMU tree: {', '.join(missing)} missing "
+                          "(configure --target-list=x86_64-softmmu, then make)")
+    digest = sha256_file(binary)
+    root = f"{host.spec.work_dir}/{ARTIFACT_DIR}/qemu-{digest}"
+    for path in files:
+        upload_file(host, path, f"{root}/{path.relative_to(tree)}",
+                    digest if path == binary else None)
+    remote_binary = f"{root}/{QEMU_BUILD_BINARY}"
+    try:
+        host.run(f"chmod 755 {shlex.quote(remote_binary)}", check=True)
+    except RemoteHostError as error:
+        raise DeployError(f"cannot make {remote_binary} executable on host '{host.name}': "
+                          f"{error}") from None
+    return remote_binary
 
 
 def upload_artifacts(hosts: Sequence[RemoteHost],

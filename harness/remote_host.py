@@ -204,6 +204,10 @@ class RemoteHost:
         self.spec = spec
         self._client: paramiko.SSHClient | None = None
         self._lock = threading.Lock()
+        # one SFTP session for read_file: a tail polls several times a second, and each new
+        # session starts an sftp-server on the host (seconds of CPU on an emulated one)
+        self._reader: paramiko.SFTPClient | None = None
+        self._reader_lock = threading.Lock()
 
     @property
     def name(self) -> str:
@@ -222,6 +226,8 @@ class RemoteHost:
         return self
 
     def close(self) -> None:
+        with self._reader_lock:
+            self._drop_reader()
         with self._lock:
             if self._client is not None:
                 self._client.close()
@@ -424,14 +430,26 @@ class RemoteHost:
 
     def read_file(self, path: str, offset: int = 0, max_bytes: int = 16 << 20) -> bytes:
         """Up to `max_bytes` of a remote file from `offset`, so a growing log can be tailed."""
-        try:
-            with self.sftp() as sftp, sftp.open(path, "rb") as remote:
-                remote.seek(offset)
-                return remote.read(max_bytes)
-        except FileNotFoundError:
-            raise RemoteHostError(f"{self.spec.where}: {path} does not exist") from None
-        except (paramiko.SSHException, OSError, EOFError) as error:
-            raise RemoteHostError(f"{self.spec.where}: cannot read {path}: {error}") from None
+        with self._reader_lock:
+            try:
+                if self._reader is None:
+                    self._reader = paramiko.SFTPClient.from_transport(self._transport())
+                    assert self._reader is not None
+                    self._reader.get_channel().settimeout(60.0)
+                with self._reader.open(path, "rb") as remote:
+                    remote.seek(offset)
+                    return remote.read(max_bytes)
+            except FileNotFoundError:
+                raise RemoteHostError(f"{self.spec.where}: {path} does not exist") from None
+            except (paramiko.SSHException, OSError, EOFError) as error:
+                self._drop_reader()  # the next read opens a fresh session
+                raise RemoteHostError(f"{self.spec.where}: cannot read {path}: {error}") \
+                    from None
+
+    def _drop_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     def open_channel_to(self, target: TcpTarget | UnixTarget,
                         origin: tuple[str, int] = ("127.0.0.1", 0),

@@ -41,7 +41,8 @@ class QemuLauncher:
 
     def command_lines(self) -> list[list[str]]:
         endpoints = self.endpoints
-        accel = ["-accel", "kvm", "-cpu", "host"] if self.accelerator == "kvm" else \
+        # -enable-kvm rather than -accel kvm: GiantVM's QEMU 2.8 has no -accel option
+        accel = ["-enable-kvm", "-cpu", "host"] if self.accelerator == "kvm" else \
             ["-accel", "tcg,thread=multi", "-cpu", "max"]
         return [[
             self.qemu_binary, "-name", "gvm-harness", *accel,

@@ -49,14 +49,14 @@ TAIL_CHUNK = 1 << 20
 STATUS_CACHE_S = 0.5  # exit_status() asks the host at most this often
 REMOTE_PORT_RANGE = (20000, 32767)  # below Linux's default ephemeral range
 ACCELERATORS = ("tcg", "kvm")
+PROC_NET_TCP = ("/proc/net/tcp", "/proc/net/tcp6")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 def free_remote_port(host: RemoteHost, low: int = REMOTE_PORT_RANGE[0],
                      high: int = REMOTE_PORT_RANGE[1], rng: random.Random | None = None) -> int:
     """A TCP port no socket uses on the host (any state, IPv4 and IPv6), for QEMU's hostfwd."""
-    output = host.run("cat /proc/net/tcp /proc/net/tcp6 2>/dev/null", check=True,
-                      timeout_s=15).stdout
+    output = host.run(read_existing_command(PROC_NET_TCP), check=True, timeout_s=15).stdout
     used = used_ports(output)
     rng = rng or random.Random()
     for _ in range(1000):
@@ -64,6 +64,11 @@ def free_remote_port(host: RemoteHost, low: int = REMOTE_PORT_RANGE[0],
         if port not in used:
             return port
     raise RemoteHostError(f"{host.spec.where}: no free TCP port between {low} and {high}")
+
+
+def read_existing_command(paths: Sequence[str]) -> str:
+    """`cat` of those of `paths` that exist: a host booted without IPv6 has no /proc/net/tcp6."""
+    return f'for f in {shlex.join(paths)}; do if [ -r "$f" ]; then cat "$f"; fi; done'
 
 
 def used_ports(proc_net_tcp: str) -> set[int]:

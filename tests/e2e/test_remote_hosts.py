@@ -17,7 +17,9 @@ from typing import Iterator
 
 import pytest
 
-from harness.deploy import DeployError, artifact_path, sha256_file, upload_artifacts, upload_file
+from harness.deploy import (
+    QEMU_BUILD_FIRMWARE, DeployError, artifact_path, sha256_file, upload_artifacts, upload_file,
+    upload_qemu_build)
 from harness.launch import BootSpec
 from harness.launch.giantvm import (
     GiantVMLauncher, GiantVMSpecError, NodePlacement, busy_ports, check_node_addresses,
@@ -178,6 +180,21 @@ def test_upload_is_verified_and_skipped_when_unchanged(lab, remotes, tmp_path) -
     assert not upload_file(remote, kernel, target).uploaded
 
 
+def test_a_qemu_build_keeps_its_layout_and_runs_on_the_host(remotes, tmp_path) -> None:
+    tree = tmp_path / "gvm-qemu"
+    (tree / "x86_64-softmmu").mkdir(parents=True)
+    (tree / "x86_64-softmmu/qemu-system-x86_64").write_text(
+        '#!/bin/sh\ncd "$(dirname "$0")/../pc-bios" && cat bios-256k.bin\n')
+    (tree / "pc-bios").mkdir()
+    for name in QEMU_BUILD_FIRMWARE:
+        (tree / "pc-bios" / name).write_text(f"firmware {name}")
+    binary = upload_qemu_build(remotes[0], tree)
+    assert remotes[0].run(binary, check=True).stdout == "firmware bios-256k.bin"
+    (tree / "pc-bios/efi-e1000.rom").unlink()
+    with pytest.raises(DeployError, match=r"not a built QEMU tree: pc-bios/efi-e1000.rom missing"):
+        upload_qemu_build(remotes[0], tree)
+
+
 def test_sshd_killed_during_an_upload_leaves_the_old_file(lab, tmp_path) -> None:
     host = lab.hosts[2]
     target = str(host.work_dir / "deploy" / "bzImage")
@@ -290,6 +307,11 @@ def test_port_forward_reaches_servers_only_visible_inside_the_namespace(lab, rem
         assert remote.read_file(f"{host.work_dir}/proc/echo-tcp.log", offset=10) == log[10:]
         with pytest.raises(RemoteHostError, match=r"/nonexistent.log does not exist"):
             remote.read_file(f"{host.work_dir}/nonexistent.log")
+        remote.run(f"echo more >> {host.work_dir}/proc/echo-tcp.log", check=True)
+        assert remote.read_file(f"{host.work_dir}/proc/echo-tcp.log", offset=len(log)) == \
+            b"more\n"  # the kept SFTP session reads what is there now
+        remote.close()
+        assert remote.read_file(f"{host.work_dir}/proc/echo-tcp.log") == log + b"more\n"
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
         for target in (TcpTarget(port), UnixTarget(socket_path)):

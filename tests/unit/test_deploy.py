@@ -332,10 +332,12 @@ class HashingHost:
 
     def __init__(self, files: dict[str, str]):
         self.files = files
+        self.timeouts: dict[str, float] = {}
 
     def run(self, command: str, timeout_s: float = 60, check: bool = False,
             as_root: bool = False) -> RemoteResult:
         path = shlex.split(command)[3]
+        self.timeouts[path] = timeout_s
         digest = self.files.get(path)
         return RemoteResult(self.name, command, 0, f"{digest}  {path}\n" if digest else "", "")
 
@@ -348,6 +350,14 @@ def test_an_unchanged_file_is_not_sent(tmp_path: Path) -> None:
     assert remote_sha256(host, "/w/other") is None
     result = upload_file(host, artifact, "/w/initramfs.cpio")  # type: ignore[arg-type]
     assert not result.uploaded and result.size == 4
+
+
+def test_hashing_a_large_file_may_take_longer_than_a_command() -> None:
+    host = HashingHost({})
+    remote_sha256(host, "/w/small", size=1 << 10)
+    remote_sha256(host, "/w/qemu", size=44 << 20)
+    assert host.timeouts["/w/small"] == pytest.approx(60, abs=1)
+    assert host.timeouts["/w/qemu"] > 60 + 44
 
 
 def test_upload_refuses_relative_targets_and_missing_files(tmp_path: Path) -> None:

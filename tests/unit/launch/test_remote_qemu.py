@@ -20,7 +20,7 @@ from harness.errors import BootError
 from harness.launch import UNIX_PATH_MAX, BootSpec
 from harness.launch.remote_qemu import (
     STATUS_CACHE_S, TAIL_CHUNK, ConsoleTail, RemoteGuestState, RemoteQemuGuest,
-    RemoteQemuLauncher, exit_code, free_remote_port, used_ports)
+    RemoteQemuLauncher, exit_code, free_remote_port, read_existing_command, used_ports)
 from harness.remote_host import (
     DetachedProcess, HostKeyError, RemoteHost, RemoteHostError, RemoteHostSpec, RemoteResult,
     TcpTarget, UnixTarget)
@@ -81,7 +81,8 @@ def test_the_line_is_the_local_launchers_with_the_remote_hosts_paths(boot, tmp_p
 
 def test_kvm_and_the_refused_accelerators(boot, tmp_path) -> None:
     (line,) = make_launcher(offline_host(), boot, tmp_path, accelerator="kvm").command_lines()
-    assert option_values(line, "-accel") == ["kvm"] and option_values(line, "-cpu") == ["host"]
+    assert "-enable-kvm" in line and "-accel" not in line
+    assert option_values(line, "-cpu") == ["host"]
     with pytest.raises(BootError, match=r"accel 'tcg' or 'kvm', not 'auto'"):
         make_launcher(offline_host(), boot, tmp_path, accelerator="auto")
     with pytest.raises(BootError, match=r"remote_ssh_port 0 is not a TCP port"):
@@ -376,3 +377,11 @@ def test_stop_is_idempotent_and_a_failed_stop_says_how_to_stop_by_hand(boot, tmp
     guest.stop()  # and now has nothing to do
     assert host.kinds().count("stop_detached") == 2
     assert guest.stop_outcome == "terminated" and guest.exit_status() == -15
+
+
+def test_the_port_listing_reads_only_the_files_a_host_has(tmp_path) -> None:
+    present = tmp_path / "tcp"
+    present.write_text("listing\n")
+    command = read_existing_command([str(present), str(tmp_path / "tcp6")])
+    result = subprocess.run(["sh", "-c", command], capture_output=True, text=True)
+    assert (result.returncode, result.stdout) == (0, "listing\n")
