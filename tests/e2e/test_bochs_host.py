@@ -39,8 +39,14 @@ HOST_KERNEL_ENV = "GVM_BOCHS_HOST_KERNEL"
 GIANTVM_QEMU_ENV = "GVM_GIANTVM_QEMU"
 needs_host_kernel = pytest.mark.skipif(
     not os.environ.get(HOST_KERNEL_ENV),
-    reason=f"{HOST_KERNEL_ENV} is not set: point it at a Linux-DSM bzImage built with "
-           "host_patches/giantvm-master on tinyconfig + host_patches/bochs-host.config")
+    reason=f"{HOST_KERNEL_ENV} is not set: point it at a Linux-DSM build (its O= directory, or "
+           "the bzImage) of host_patches/giantvm-master on tinyconfig + "
+           "host_patches/bochs-host.config")
+
+
+def linux_dsm_kernel() -> Path:
+    path = Path(os.environ[HOST_KERNEL_ENV])
+    return path / "arch/x86/boot/bzImage" if path.is_dir() else path
 
 
 def bochs_config(kernel: Path, memory_mb: int) -> BochsHostConfig:
@@ -74,7 +80,7 @@ def test_the_harness_starts_reaches_and_stops_a_bochs_machine_with_vmx(guest_ker
 @needs_host_kernel
 def test_linux_dsm_in_bochs_runs_the_patched_kvm_and_switches_the_method(tmp_path) -> None:
     run = RunFolder.create(tmp_path / "runs", "bochs-dsm")
-    host = start_bochs_host(bochs_config(Path(os.environ[HOST_KERNEL_ENV]), 1024), run,
+    host = start_bochs_host(bochs_config(linux_dsm_kernel(), 1024), run,
                             Progress())
     try:
         before = host.facts()
@@ -121,7 +127,7 @@ def test_the_patched_guest_under_kvm_on_the_linux_dsm_host_keeps_jiffies(guest_k
     """Single node, so the VM has no DSM: the patched kvm answers hypercall 10 with -KVM_ENOSYS
     (-1000) and the guest must fall back to counting jiffies itself, at HZ."""
     progress = Progress()
-    host = start_bochs_host(bochs_config(Path(os.environ[HOST_KERNEL_ENV]), 1024),
+    host = start_bochs_host(bochs_config(linux_dsm_kernel(), 1024),
                             RunFolder.create(tmp_path / "runs", "bochs-l1"), progress)
     try:
         with progress.step("upload the GiantVM QEMU build to the Bochs machine"):
