@@ -16,14 +16,14 @@ from dataclasses import asdict, dataclass, field
 from harness import rootfs
 from harness.config import BochsHostConfig
 from harness.errors import HarnessError
-from harness.guest_ssh import wait_for_banner
+from harness.guest_ssh import LoginNotYet, SSHNotReady, log_in_when_ready
 from harness.launch.bochs import BochsLauncher, BochsMachine, BochsProcess
 from harness.launch.qemu import free_loopback_port
 from harness.progress import Progress
 from harness.remote_host import HostKeyError, RemoteHost, RemoteHostError, RemoteHostSpec
 from harness.run_folder import RunFolder
 
-SSH_READY_S = 120.0
+SSH_READY_S = 300.0  # a 4.9 kernel's sshd waits ~70 s for the entropy pool under Bochs
 WORK_DIR = "/tmp/gvm-harness"  # tmpfs in the initramfs
 
 
@@ -107,26 +107,26 @@ def _connect(name: str, port: int, credentials: rootfs.GuestCredentials, run: Ru
     remote = RemoteHost(RemoteHostSpec(name, "127.0.0.1", port=port,
                                        key_file=credentials.client_key, known_hosts=known_hosts,
                                        work_dir=WORK_DIR))
-    started = time.monotonic()
-    delay = 0.5
-    while True:
+
+    def attempt(_login_timeout_s: float) -> RemoteHost:
         try:
-            # slirp accepts at once and closes when nothing listens yet: wait for a real banner
-            # before paramiko, which would otherwise sit in its banner timeout
-            if not wait_for_banner("127.0.0.1", port, 5.0):
-                raise RemoteHostError("no SSH banner yet")
-            remote.connect()
-            return remote, time.monotonic() - started
+            return remote.connect()
         except HostKeyError:
             remote.close()
             raise
         except RemoteHostError as error:
             remote.close()
-            if process.exit_status() is not None:
-                raise BochsHostError(f"Bochs exited before its sshd answered: "
-                                     f"{process.log_tail()}") from None
-            if time.monotonic() - started > SSH_READY_S:
-                raise BochsHostError(f"no SSH on 127.0.0.1:{port} (the Bochs machine's port 22) "
-                                     f"within {SSH_READY_S:.0f}s: {error}") from None
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            raise LoginNotYet(str(error)) from None
+
+    def still_booting() -> None:
+        if process.exit_status() is not None:
+            raise BochsHostError(f"Bochs exited before its sshd answered: {process.log_tail()}")
+
+    started = time.monotonic()
+    try:
+        # slirp accepts at once and closes when nothing listens yet: the banner wait covers it
+        log_in_when_ready("127.0.0.1", port, SSH_READY_S, attempt, still_booting)
+    except SSHNotReady as error:
+        raise BochsHostError(f"no SSH on 127.0.0.1:{port} (the Bochs machine's port 22) within "
+                             f"{SSH_READY_S:.0f}s: {error.last_error}") from None
+    return remote, time.monotonic() - started

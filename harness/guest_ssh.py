@@ -15,7 +15,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import paramiko
 
@@ -24,6 +24,7 @@ from harness.errors import GuestSSHError
 
 BACKOFF_START_S = 0.25
 BACKOFF_CAP_S = 3.0
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,42 @@ def wait_for_banner(host: str, port: int, timeout_s: float) -> bool:
         return False
 
 
+class LoginNotYet(Exception):
+    """A login attempt failed in a way that a later attempt can fix."""
+
+
+class SSHNotReady(Exception):
+    def __init__(self, attempts: int, last_error: str):
+        super().__init__(last_error)
+        self.attempts = attempts
+        self.last_error = last_error
+
+
+def log_in_when_ready(host: str, port: int, timeout_s: float, attempt: Callable[[float], T],
+                      still_booting: Callable[[], None] = lambda: None) -> tuple[T, int]:
+    """Wait for a banner, then `attempt(login timeout)`, with backoff until one deadline; the
+    result and the number of attempts. `attempt` raises LoginNotYet to be retried, anything
+    else to give up; `still_booting` raises if the machine died."""
+    deadline = time.monotonic() + timeout_s
+    delay = BACKOFF_START_S
+    attempts = 0
+    while True:
+        attempts += 1
+        remaining = deadline - time.monotonic()
+        if wait_for_banner(host, port, min(5.0, max(remaining, 0.5))):
+            try:
+                return attempt(min(10.0, max(remaining, 1.0))), attempts
+            except LoginNotYet as error:
+                last_error = str(error)
+        else:
+            last_error = "no SSH banner yet"
+        still_booting()
+        if time.monotonic() + delay > deadline:
+            raise SSHNotReady(attempts, last_error)
+        time.sleep(delay * random.uniform(0.8, 1.2))
+        delay = min(delay * 2, BACKOFF_CAP_S)
+
+
 class GuestSSH:
     def __init__(self, target: SSHTarget, command_timeout_s: float):
         self.target = target
@@ -57,31 +94,23 @@ class GuestSSH:
         `still_booting` is called between attempts and should raise if the guest died, so a
         crashed VM fails fast instead of using up the whole deadline.
         """
-        deadline = time.monotonic() + timeout_s
-        delay = BACKOFF_START_S
-        attempts = 0
-        last_error = "no attempt made"
-        while True:
-            attempts += 1
-            remaining = deadline - time.monotonic()
-            if wait_for_banner(self.target.host, self.target.port, min(5.0, max(remaining, 0.5))):
-                try:
-                    self._client = self._login(timeout_s=min(10.0, max(remaining, 1.0)))
-                    return attempts
-                except (paramiko.BadHostKeyException, paramiko.AuthenticationException) as error:
-                    raise GuestSSHError(f"SSH to {self._where()} refused for good: {error}. The "
-                                        "guest is not the one this run built (stale port?) or "
-                                        "its keys differ") from None
-                except (paramiko.SSHException, OSError) as error:
-                    last_error = f"{type(error).__name__}: {error}"
-            else:
-                last_error = "no SSH banner yet"
-            still_booting()
-            if time.monotonic() + delay > deadline:
-                raise GuestSSHError(f"SSH to {self._where()} not ready after {timeout_s:.0f}s "
-                                    f"and {attempts} attempts; last: {last_error}")
-            time.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, BACKOFF_CAP_S)
+        def attempt(login_timeout_s: float) -> paramiko.SSHClient:
+            try:
+                return self._login(timeout_s=login_timeout_s)
+            except (paramiko.BadHostKeyException, paramiko.AuthenticationException) as error:
+                raise GuestSSHError(f"SSH to {self._where()} refused for good: {error}. The "
+                                    "guest is not the one this run built (stale port?) or "
+                                    "its keys differ") from None
+            except (paramiko.SSHException, OSError) as error:
+                raise LoginNotYet(f"{type(error).__name__}: {error}") from None
+
+        try:
+            self._client, attempts = log_in_when_ready(self.target.host, self.target.port,
+                                                       timeout_s, attempt, still_booting)
+        except SSHNotReady as error:
+            raise GuestSSHError(f"SSH to {self._where()} not ready after {timeout_s:.0f}s and "
+                                f"{error.attempts} attempts; last: {error.last_error}") from None
+        return attempts
 
     def run(self, command: str, timeout_s: float | None = None) -> CommandResult:
         """Run one command; stdout and stderr are drained before the exit status is read."""
