@@ -462,6 +462,10 @@ class RemoteHost:
                                               timeout=timeout_s)
             return _open_streamlocal(transport, target.path, timeout_s)
         except paramiko.ChannelException as error:
+            if error.code == paramiko.common.OPEN_FAILED_UNKNOWN_CHANNEL_TYPE:
+                raise RemoteHostError(f"{self.spec.where}: its SSH server cannot forward to "
+                                      f"{target} ({error.text}); dropbear forwards TCP only, "
+                                      "OpenSSH's sshd both") from None
             raise RemoteHostError(f"{self.spec.where} could not connect to {target}: "
                                   f"{error.text}; is anything listening there?") from None
         except (paramiko.SSHException, OSError, EOFError) as error:

@@ -2,12 +2,14 @@
 SSH and over the serial console, judged with the config's thresholds."""
 
 import re
+from pathlib import Path
 
 import pytest
 
 from harness import pipeline
 from harness.checks.jiffies import check_samples
 from harness.probes.jiffies import JiffiesProbe
+from harness.remote_host import RemoteHost, RemoteHostError, RemoteHostSpec, UnixTarget
 
 pytestmark = pytest.mark.e2e
 
@@ -50,3 +52,18 @@ def test_full_probe_writes_the_run_artifacts(cluster, cluster_config, progress) 
                  "console-kernel.log", "console-shell.log"):
         assert cluster.run.file(name).stat().st_size > 0, name
     assert cluster.run.file("qemu.log").is_file()  # empty while QEMU has nothing to complain about
+
+
+def test_the_guest_as_a_host_reads_files_and_says_why_it_forwards_no_unix_socket(
+        cluster, tmp_path) -> None:
+    """The guest's dropbear, as on a Bochs host: SFTP works, unix-socket forwarding does not."""
+    record = cluster.record
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(f"[127.0.0.1]:{record.ssh_port} {record.host_key_type} "
+                           f"{record.host_key_base64}\n")
+    spec = RemoteHostSpec("guest", "127.0.0.1", port=record.ssh_port,
+                          key_file=Path(record.client_key), known_hosts=known_hosts)
+    with RemoteHost(spec) as guest:
+        assert guest.read_file("/proc/sys/kernel/ostype") == b"Linux\n"
+        with pytest.raises(RemoteHostError, match=r"cannot forward to unix:/tmp/no.sock .*dropbear"):
+            guest.open_channel_to(UnixTarget("/tmp/no.sock"))
