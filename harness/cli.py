@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from harness import bochs_host, giantvm_pipeline, host_tree, modelcheck, pipeline
+from harness.cache_lock import cache_lock
 from harness.config import DEFAULT_CONFIG, ClusterConfig, load_config
 from harness.errors import HarnessError
 from harness.launch import BootSpec
@@ -87,6 +88,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _patch(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
+    with cache_lock(config.cache_dir, progress):
+        return _patch_locked(args, config, progress)
+
+
+def _patch_locked(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
     if args.revert:
         tree, _, series = pipeline.guest_series(config, progress)
         if series is None:
@@ -119,8 +125,7 @@ def _status(args: argparse.Namespace, config: ClusterConfig, progress: Progress)
 
 
 def _build_into(config: ClusterConfig, run: RunFolder, progress: Progress):
-    prepared = pipeline.prepare_guest_tree(config, progress)
-    result = pipeline.build_guest_kernel(config, prepared, run, progress)
+    _, result = pipeline.patch_and_build(config, run, progress)
     progress.say(f"    kernel {result.kernel_release}, bzImage sha256 {result.bzimage.sha256[:16]}…")
     return result
 

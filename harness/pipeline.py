@@ -14,6 +14,7 @@ from pathlib import Path
 
 from harness import giantvm_pipeline, rootfs
 from harness.build import KernelBuildResult, KernelBuildSpec, build_kernel, read_config_options
+from harness.cache_lock import cache_lock
 from harness.checks.jiffies import CheckResult, Verdict, check_samples
 from harness.config import ClusterConfig, HostConfig
 from harness.console import SerialConsole
@@ -89,6 +90,14 @@ def build_guest_kernel(config: ClusterConfig, prepared: PreparedTree, run: RunFo
                                   "series": list(prepared.series.names) if prepared.series else [],
                                   "fragments": [str(f) for f in fragments]})
     return result
+
+
+def patch_and_build(config: ClusterConfig, run: RunFolder,
+                    progress: Progress) -> tuple[PreparedTree, KernelBuildResult]:
+    """The guest kernel with the series applied, built while no other run touches the cache."""
+    with cache_lock(config.cache_dir, progress):
+        prepared = prepare_guest_tree(config, progress)
+        return prepared, build_guest_kernel(config, prepared, run, progress)
 
 
 def kernel_hz(config_file: Path) -> int:

@@ -45,8 +45,7 @@ def progress() -> Progress:
 @pytest.fixture(scope="session")
 def guest_kernel(cluster_config: ClusterConfig, progress: Progress) -> BuiltGuestKernel:
     run = RunFolder.create(cluster_config.run_root, f"{cluster_config.name}-pytest-build")
-    prepared = pipeline.prepare_guest_tree(cluster_config, progress)
-    result = pipeline.build_guest_kernel(cluster_config, prepared, run, progress)
+    prepared, result = pipeline.patch_and_build(cluster_config, run, progress)
     return BuiltGuestKernel(prepared, result, pipeline.kernel_hz(Path(result.config.path)))
 
 

@@ -1,0 +1,41 @@
+"""One harness run at a time may change the cache: the guest series is applied to the cached
+kernel tree in place, and every run builds into the same build directory, so two runs at once
+(a user's `./gvm run` beside `./gvm test`) would patch and build over each other.
+
+An exclusive flock(2) on `<cache>/lock` is held while a run patches and builds; the kernel drops
+it when the holder exits, however it exits, so a crashed run never leaves the cache locked. A
+second run waits and says for whom.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from harness.progress import Progress
+
+LOCK_FILE = "lock"
+
+
+@contextmanager
+def cache_lock(cache_dir: Path, progress: Progress) -> Iterator[None]:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with (cache_dir / LOCK_FILE).open("a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            with progress.step(f"wait for the harness run (pid {holder}) that is patching or "
+                               f"building in {cache_dir}"):
+                fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
