@@ -16,6 +16,7 @@ twice. Names carry this process's pid, so parallel test runs do not collide.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -31,6 +32,7 @@ import pytest
 
 SSHD = "/usr/sbin/sshd"
 SUBNET_PREFIX = "10.231"
+SUBNET_LOCK = "/run/lock/gvm-harness-netns-subnets.lock"
 FIRST_HOST_OCTET = 11
 UNUSED_OCTET = 99  # an address in the /24 that no host has
 SSHD_READY_S = 10.0
@@ -83,13 +85,20 @@ class NetnsLab:
                 raise LabUnavailable(f"{tool} is not installed (apt-get install iproute2 "
                                      "openssh-server)")
         tag = str(os.getpid())
-        subnet = _free_subnet()
-        lab = cls(root=root, subnet=subnet, bridge=f"gvbr{tag}", client_key=root / "client_key",
-                  known_hosts=root / "known_hosts")
+        # two test runs at once must not pick the same subnet: choose and claim under a lock
+        with open(SUBNET_LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            subnet = _free_subnet()
+            lab = cls(root=root, subnet=subnet, bridge=f"gvbr{tag}",
+                      client_key=root / "client_key", known_hosts=root / "known_hosts")
+            try:
+                _ip("link", "add", lab.bridge, "type", "bridge")
+                lab.links.append(lab.bridge)
+                _ip("addr", "add", f"{subnet}.1/24", "dev", lab.bridge)
+            except BaseException:
+                lab.close()
+                raise
         try:
-            _ip("link", "add", lab.bridge, "type", "bridge")
-            lab.links.append(lab.bridge)
-            _ip("addr", "add", f"{subnet}.1/24", "dev", lab.bridge)
             _ip("link", "set", lab.bridge, "up")
             _keygen(lab.client_key, "gvm-harness netns test client")
             (root / "authorized_keys").write_text(
