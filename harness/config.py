@@ -134,6 +134,7 @@ class BochsHostConfig:
     clock_sync: str
     cmdline: str
     boot_timeout_s: float
+    qemu_tree: Path | None = None  # a static QEMU build to run the guest on the machine
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,8 @@ class CheckConfig:
     max_skew_ticks: int
     max_node_skew_ticks: int
     rate_tolerance: float
+    # off only where the guest's clock is not tied to this machine's (an emulated host)
+    rate_vs_host_clock: bool = True
 
 
 @dataclass(frozen=True)
@@ -465,6 +468,7 @@ def _parse_bochs_host(section: _Section) -> BochsHostConfig:
         clock_sync=section.string("clock_sync", default="slowdown", choices=BOCHS_CLOCK_SYNCS),
         cmdline=section.string("cmdline", default="console=ttyS0 panic=-1"),
         boot_timeout_s=section.number("boot_timeout_s", 600, 1, 86400),
+        qemu_tree=section.path("qemu_tree"),
     )
     section.done()
     return bochs
@@ -487,6 +491,7 @@ def _parse_checks(section: _Section) -> CheckConfig:
         max_skew_ticks=section.integer("max_skew_ticks", 2, 0, 1 << 30),
         max_node_skew_ticks=section.integer("max_node_skew_ticks", 2, 0, 1 << 30),
         rate_tolerance=section.number("rate_tolerance", 0.05, 0.0, 1.0),
+        rate_vs_host_clock=section.boolean("rate_vs_host_clock", True),
     )
     section.done()
     return checks

@@ -54,8 +54,9 @@ def check_samples(samples: list[JiffiesSample], hz: int, limits: CheckConfig) ->
             check_monotonic(group, transport),
             check_vcpu_skew(group, transport, hz, limits.max_skew_ticks),
             check_rate_guest_clock(group, transport, hz, limits.rate_tolerance),
-            check_rate_host_clock(group, transport, hz, limits.rate_tolerance),
         ]
+        if limits.rate_vs_host_clock:
+            checks.append(check_rate_host_clock(group, transport, hz, limits.rate_tolerance))
         if len({sample.node for sample in group}) > 1:
             checks.append(check_node_skew(group, transport, hz, limits.max_node_skew_ticks))
     return Verdict(checks=tuple(checks))

@@ -56,3 +56,14 @@ def test_plan_prints_each_nodes_line_and_ports_without_running_anything(capsys) 
 def test_deploy_with_a_stock_qemu_config_exits_2(config_file: Path, capsys) -> None:
     assert main(["--config", str(config_file), "deploy"]) == 2
     assert "does not use the GiantVM launcher" in capsys.readouterr().err
+
+
+def test_a_bochs_guest_without_a_qemu_tree_exits_2_before_building(tmp_path: Path,
+                                                                    capsys) -> None:
+    data = shipped_config(tmp_path / "runs")
+    data["bochs_host"] = {"kernel": str(tmp_path / "bzImage-dsm")}
+    path = tmp_path / "bochs.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["--config", str(path), "bochs-host", "--guest"]) == 2
+    assert "bochs_host.qemu_tree is not set" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

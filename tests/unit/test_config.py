@@ -158,6 +158,9 @@ def test_a_bochs_host_section_with_its_defaults(tmp_path: Path) -> None:
     bochs = parse(data, tmp_path / "bochs.yaml").bochs_host
     assert bochs.kernel == (tmp_path / "bzImage-dsm").resolve()
     assert (bochs.memory_mb, bochs.cpus, bochs.clock_sync) == (1024, 1, "slowdown")
+    assert bochs.qemu_tree is None
+    data["bochs_host"] = {"kernel": "k", "qemu_tree": "~/gvm-qemu"}
+    assert parse(data, tmp_path / "bochs.yaml").bochs_host.qemu_tree == Path.home() / "gvm-qemu"
     data["bochs_host"] = {"kernel": "k", "clock_sync": "fast"}
     with pytest.raises(ConfigError, match=r"bochs_host.clock_sync: 'fast' is not one of: slowdown"):
         parse(data, tmp_path / "bochs.yaml")

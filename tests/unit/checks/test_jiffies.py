@@ -85,6 +85,14 @@ def test_wrong_tick_rate_fails(factor: float) -> None:
     assert {"rate vs guest clock", "rate vs host clock"} <= failed(samples)
 
 
+def test_a_host_clock_not_tied_to_the_guest_is_left_out_when_asked() -> None:
+    """An emulated host: its guest's clock runs at its own pace against this machine's."""
+    samples = [replace(s, host_ns=10**12 + s.guest_ns * 2 // 3) for s in healthy()]
+    assert failed(samples) == {"rate vs host clock"}
+    verdict = check_samples(samples, HZ, replace(LIMITS, rate_vs_host_clock=False))
+    assert verdict.passed and "rate vs host clock" not in {c.name for c in verdict.checks}
+
+
 def test_single_node_has_no_node_check() -> None:
     samples = healthy(per_node=4)
     assert "cross-node skew" not in {c.name for c in check_samples(samples, HZ, LIMITS).checks}
