@@ -245,9 +245,10 @@ def _bochs_host(args: argparse.Namespace, config: ClusterConfig, progress: Progr
         host.stop()
     run.write_json("bochs-host.json", {"boot_s": host.boot_s, "ssh_s": host.ssh_s,
                                        "facts": asdict(facts)})
-    print(f"run folder: {run.path}")
     if result is None:
+        print(f"run folder: {run.path}")
         return 0
+    print(f"the Bochs machine's run folder: {run.path}")
     for line in result.atomic_inc_lines:
         print(f"guest says: {line}")
     print("not judged on an emulated host: the rate against this machine's clock")
