@@ -60,8 +60,7 @@ def main() -> int:
     config = load_config(args.config)
     progress = Progress()
     run = RunFolder.create(config.run_root, f"{config.name}-benchmark")
-    prepared = pipeline.prepare_guest_tree(config, progress)
-    build = pipeline.build_guest_kernel(config, prepared, run, progress)
+    _, build = pipeline.patch_and_build(config, run, progress)
     kernel, hz = Path(build.bzimage.path), pipeline.kernel_hz(Path(build.config.path))
 
     raw_boots, harness_boots, raw_trips, probe_trips = [], [], [], []

@@ -24,6 +24,11 @@ from harness.errors import GuestSSHError
 
 BACKOFF_START_S = 0.25
 BACKOFF_CAP_S = 3.0
+# A forwarded port (QEMU's or Bochs' slirp) accepts before the guest's sshd listens and that
+# connection then stays silent, so a banner is waited for a quarter of the time spent so far,
+# within these bounds: short while the guest boots, longer for a loaded or emulated host.
+BANNER_WAIT_MIN_S = 0.5
+BANNER_WAIT_MAX_S = 5.0
 T = TypeVar("T")
 
 
@@ -67,8 +72,10 @@ def log_in_when_ready(host: str, port: int, timeout_s: float, attempt: Callable[
     attempts = 0
     while True:
         attempts += 1
-        remaining = deadline - time.monotonic()
-        if wait_for_banner(host, port, min(5.0, max(remaining, 0.5))):
+        attempt_started = time.monotonic()
+        remaining = deadline - attempt_started
+        banner_wait = min(max((timeout_s - remaining) / 4, BANNER_WAIT_MIN_S), BANNER_WAIT_MAX_S)
+        if wait_for_banner(host, port, min(banner_wait, max(remaining, 0.5))):
             try:
                 return attempt(min(10.0, max(remaining, 1.0))), attempts
             except LoginNotYet as error:
@@ -78,7 +85,9 @@ def log_in_when_ready(host: str, port: int, timeout_s: float, attempt: Callable[
         still_booting()
         if time.monotonic() + delay > deadline:
             raise SSHNotReady(attempts, last_error)
-        time.sleep(delay * random.uniform(0.8, 1.2))
+        # the pause between attempts counts the time this attempt already waited
+        time.sleep(max(0.0, delay * random.uniform(0.8, 1.2)
+                       - (time.monotonic() - attempt_started)))
         delay = min(delay * 2, BACKOFF_CAP_S)
 
 
