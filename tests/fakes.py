@@ -21,6 +21,20 @@ class FakeForward:
         self.closed = True
 
 
+class Forwarding:
+    """RemoteHost's forwards for a fake host: recorded in `self.forwards`, never opened."""
+
+    forwards: list
+
+    def forward(self, target, local_port=0, local_path=None) -> FakeForward:
+        forward = FakeForward(target, 0 if local_path else local_port or 45678, local_path)
+        self.forwards.append(forward)
+        return forward
+
+    def open_channel_to(self, target, origin=("127.0.0.1", 0), timeout_s=10.0):
+        raise RemoteHostError("not in this test")
+
+
 class FakeClock:
     """`clock()` reads it; `clock.sleep(s)` advances it instantly and records the sleep."""
 
@@ -69,7 +83,7 @@ class FakeProcess:
 
 
 @dataclass
-class FakeHost:
+class FakeHost(Forwarding):
     """Records every call (also into a shared event list) and answers from a script."""
 
     name: str
@@ -175,10 +189,3 @@ class FakeHost:
             process.released += process.chunks.pop(0)
         return process.released[offset:offset + max_bytes]
 
-    def forward(self, target, local_port=0, local_path=None) -> FakeForward:
-        forward = FakeForward(target, 0 if local_path else local_port or 45678, local_path)
-        self.forwards.append(forward)
-        return forward
-
-    def open_channel_to(self, target, origin=("127.0.0.1", 0), timeout_s=10.0):
-        raise RemoteHostError("not in this test")

@@ -24,7 +24,7 @@ from harness.launch.remote_qemu import (
 from harness.remote_host import (
     DetachedProcess, HostKeyError, RemoteHost, RemoteHostError, RemoteHostSpec, RemoteResult,
     TcpTarget, UnixTarget)
-from tests.fakes import FakeForward
+from tests.fakes import Forwarding
 
 PROC_NET_TCP = """\
   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
@@ -210,7 +210,7 @@ def test_console_tail_copies_growth_and_keeps_errors(tmp_path) -> None:
 
 
 @dataclass
-class FakeHost:
+class FakeHost(Forwarding):
     """Records what the launcher asks of a host and answers from a script."""
 
     work_dir: str
@@ -267,14 +267,6 @@ class FakeHost:
         if path.endswith("console-kernel.log"):
             return self.console[offset:offset + max_bytes]
         return b"qemu says hi\n"
-
-    def forward(self, target, local_port=0, local_path=None) -> FakeForward:
-        forward = FakeForward(target, 0 if local_path else local_port or 45678, local_path)
-        self.forwards.append(forward)
-        return forward
-
-    def open_channel_to(self, target, origin=("127.0.0.1", 0), timeout_s=10.0):
-        raise RemoteHostError("not in this test")
 
     def kinds(self) -> list[str]:
         return [call[0] for call in self.calls]
