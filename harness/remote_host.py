@@ -418,24 +418,26 @@ class RemoteHost:
     def sftp(self, stall_timeout_s: float = 60.0) -> Iterator[paramiko.SFTPClient]:
         """An SFTP session whose reads and writes fail after `stall_timeout_s` without progress."""
         try:
-            client = paramiko.SFTPClient.from_transport(self._transport())
+            client = self._open_sftp(stall_timeout_s)
         except (paramiko.SSHException, OSError, EOFError) as error:
             raise RemoteHostError(f"{self.spec.where}: cannot open SFTP: {error}") from None
-        assert client is not None
-        client.get_channel().settimeout(stall_timeout_s)
         try:
             yield client
         finally:
             client.close()
+
+    def _open_sftp(self, stall_timeout_s: float) -> paramiko.SFTPClient:
+        client = paramiko.SFTPClient.from_transport(self._transport())
+        assert client is not None
+        client.get_channel().settimeout(stall_timeout_s)
+        return client
 
     def read_file(self, path: str, offset: int = 0, max_bytes: int = 16 << 20) -> bytes:
         """Up to `max_bytes` of a remote file from `offset`, so a growing log can be tailed."""
         with self._reader_lock:
             try:
                 if self._reader is None:
-                    self._reader = paramiko.SFTPClient.from_transport(self._transport())
-                    assert self._reader is not None
-                    self._reader.get_channel().settimeout(60.0)
+                    self._reader = self._open_sftp(stall_timeout_s=60.0)
                 with self._reader.open(path, "rb") as remote:
                     remote.seek(offset)
                     return remote.read(max_bytes)
