@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from harness import pipeline
-from harness.bochs_host import RunningBochsHost
+from harness.bochs_host import MachineFacts, RunningBochsHost
 from harness.checks.jiffies import Verdict
 from harness.config import ClusterConfig, HostConfig
 from harness.deploy import upload_qemu_build
@@ -61,11 +61,12 @@ def guest_config(config: ClusterConfig, host: RunningBochsHost, qemu_binary: str
                    timeouts=timeouts)
 
 
-def run_guest_suite(config: ClusterConfig, host: RunningBochsHost, kernel: Path, hz: int,
-                    progress: Progress) -> NestedGuestResult:
-    """Boot the guest under KVM on the machine, probe it over SSH, judge it, stop it."""
+def run_guest_suite(config: ClusterConfig, host: RunningBochsHost, facts: MachineFacts,
+                    kernel: Path, hz: int, progress: Progress) -> NestedGuestResult:
+    """Boot the guest under KVM on the machine (`facts`: what it said of itself), probe it over
+    SSH, judge it, stop it."""
     qemu_tree = required_qemu_tree(config)
-    if not host.facts().dev_kvm:
+    if not facts.dev_kvm:
         raise HarnessError(f"the Bochs machine's kernel has no /dev/kvm; boot a Linux-DSM kernel "
                            "built with host_patches/bochs-host.config")
     with progress.step(f"upload the QEMU build in {qemu_tree} to the Bochs machine"):

@@ -239,8 +239,8 @@ def _bochs_host(args: argparse.Namespace, config: ClusterConfig, progress: Progr
         facts = host.facts()
         _print_facts(host, facts)
         result = bochs_pipeline.run_guest_suite(
-            config, host, Path(kernel.bzimage.path), pipeline.kernel_hz(Path(kernel.config.path)),
-            progress) if kernel is not None else None
+            config, host, facts, Path(kernel.bzimage.path),
+            pipeline.kernel_hz(Path(kernel.config.path)), progress) if kernel is not None else None
     finally:
         host.stop()
     run.write_json("bochs-host.json", {"boot_s": host.boot_s, "ssh_s": host.ssh_s,

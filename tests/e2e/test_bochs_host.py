@@ -130,8 +130,8 @@ def test_the_patched_guest_under_kvm_on_the_linux_dsm_host_keeps_jiffies(guest_k
     host = start_bochs_host(config.bochs_host, RunFolder.create(config.run_root, "bochs-l1"),
                             progress)
     try:
-        result = run_guest_suite(config, host, Path(guest_kernel.build.bzimage.path),
-                                 guest_kernel.hz, progress)
+        result = run_guest_suite(config, host, host.facts(),
+                                 Path(guest_kernel.build.bzimage.path), guest_kernel.hz, progress)
     finally:
         host.stop()
     lines = result.atomic_inc_lines
