@@ -19,11 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import pipeline, rootfs  # noqa: E402
+from harness import suite as pipeline  # noqa: E402
+from harness.stages import rootfs  # noqa: E402
 from harness.config import DEFAULT_CONFIG, load_config  # noqa: E402
-from harness.launch import BootSpec  # noqa: E402
-from harness.launch.qemu import QemuLauncher, free_loopback_port  # noqa: E402
-from harness.probes.jiffies import JiffiesProbe  # noqa: E402
+from harness.backends.base import BootSpec  # noqa: E402
+from harness.backends.local_qemu import QemuLauncher, free_loopback_port  # noqa: E402
+from harness.stages.probe import JiffiesProbe  # noqa: E402
 from harness.progress import Progress  # noqa: E402
 from harness.run_folder import RunFolder  # noqa: E402
 

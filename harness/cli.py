@@ -12,13 +12,16 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from harness import bochs_host, bochs_pipeline, giantvm_pipeline, host_tree, modelcheck, pipeline
-from harness.cache_lock import cache_lock
+from harness import modelcheck, suite as pipeline
+from harness.backends.bochs import backend as bochs_pipeline, host as bochs_host
+from harness.backends.giantvm import backend as giantvm_pipeline
+from harness.hostkvm import tree as host_tree
+from harness.stages.cache_lock import cache_lock
 from harness.config import DEFAULT_CONFIG, ClusterConfig, load_config
 from harness.errors import HarnessError
-from harness.launch import BootSpec
+from harness.backends.base import BootSpec
 from harness.progress import Progress
-from harness.report import verdict_table
+from harness.stages.report import verdict_table
 from harness.run_folder import RunFolder
 
 EXIT_FAIL, EXIT_ERROR, EXIT_INTERRUPTED = 1, 2, 130

@@ -16,8 +16,8 @@ from typing import Any
 import yaml
 
 from harness.errors import ConfigError
-from harness.launch.giantvm import MACHINES as GIANTVM_MACHINES
-from harness.launch.giantvm import MAX_NODES as GIANTVM_MAX_NODES
+from harness.backends.giantvm.lines import MACHINES as GIANTVM_MACHINES
+from harness.backends.giantvm.lines import MAX_NODES as GIANTVM_MAX_NODES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "vm_configs" / "local.yaml"

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import CommandError, HarnessError, SetupError
-from harness.local_command import run_captured
+from harness.transport.local_process import run_captured
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 

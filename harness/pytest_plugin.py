@@ -11,11 +11,11 @@ from typing import Callable, Iterator
 
 import pytest
 
-from harness import pipeline
-from harness.build import KernelBuildResult
+from harness import suite as pipeline
+from harness.stages.build import KernelBuildResult
 from harness.config import DEFAULT_CONFIG, ClusterConfig, load_config
-from harness.console import SerialConsole
-from harness.guest_ssh import GuestSSH
+from harness.transport.serial_console import SerialConsole
+from harness.transport.guest_ssh import GuestSSH
 from harness.progress import Progress
 from harness.run_folder import RunFolder
 

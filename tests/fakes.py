@@ -6,7 +6,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.remote_host import (
+from harness.transport.remote_host import (
     DetachedProcess, HostUnreachable, RemoteHostError, RemoteHostSpec, RemoteResult)
 
 

@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.bochs_host import start_bochs_host
-from harness.bochs_pipeline import run_guest_suite
+from harness.backends.bochs.host import start_bochs_host
+from harness.backends.bochs.backend import run_guest_suite
 from harness.config import BochsHostConfig, load_config
-from harness.deploy import QEMU_BUILD_BINARY, sha256_file, upload_file
-from harness.giantvm_pipeline import select_atomic_inc_mode
-from harness.launch.bochs import ISOLINUX_BIN
+from harness.hostkvm.modules import QEMU_BUILD_BINARY, sha256_file, upload_file
+from harness.backends.giantvm.backend import select_atomic_inc_mode
+from harness.backends.bochs.machine import ISOLINUX_BIN
 from harness.progress import Progress
 from harness.run_folder import RunFolder
 from tests.configs import shipped_config

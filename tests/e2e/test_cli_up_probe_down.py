@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from harness.cli import main
-from harness import pipeline
+from harness import suite as pipeline
 from harness.config import load_config
 from harness.run_folder import RunFolder
 from tests.configs import shipped_config

@@ -13,10 +13,10 @@ from typing import Iterator
 import pytest
 import yaml
 
-from harness import giantvm_pipeline
+from harness.backends.giantvm import backend as giantvm_pipeline
 from harness.config import ClusterConfig, parse_config
-from harness.launch import BootSpec
-from harness.launch.giantvm_cluster import ClusterError, ClusterPreflightError, GiantVMCluster
+from harness.backends.base import BootSpec
+from harness.backends.giantvm.cluster import ClusterError, ClusterPreflightError, GiantVMCluster
 from harness.progress import Progress
 from harness.run_folder import RunFolder
 from tests.configs import shipped_config

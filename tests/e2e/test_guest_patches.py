@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import pipeline
-from harness.checks.jiffies import check_samples
-from harness.patches import SeriesState
-from harness.probes.jiffies import KERNEL_PROBE, JiffiesProbe, parse_probe_output
+from harness import suite as pipeline
+from harness.stages.judge import check_samples
+from harness.stages.patches import SeriesState
+from harness.stages.probe import KERNEL_PROBE, JiffiesProbe, parse_probe_output
 
 pytestmark = pytest.mark.e2e
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import pipeline
-from harness.checks.jiffies import check_samples
-from harness.probes.jiffies import JiffiesProbe
-from harness.remote_host import RemoteHost, RemoteHostError, RemoteHostSpec, UnixTarget
+from harness import suite as pipeline
+from harness.stages.judge import check_samples
+from harness.stages.probe import JiffiesProbe
+from harness.transport.remote_host import RemoteHost, RemoteHostError, RemoteHostSpec, UnixTarget
 
 pytestmark = pytest.mark.e2e
 

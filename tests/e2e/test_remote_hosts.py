@@ -17,14 +17,14 @@ from typing import Iterator
 
 import pytest
 
-from harness.deploy import (
+from harness.hostkvm.modules import (
     QEMU_BUILD_FIRMWARE, DeployError, artifact_path, sha256_file, upload_artifacts, upload_file,
     upload_qemu_build)
-from harness.launch import BootSpec
-from harness.launch.giantvm import (
+from harness.backends.base import BootSpec
+from harness.backends.giantvm.lines import (
     GiantVMLauncher, GiantVMSpecError, NodePlacement, busy_ports, check_node_addresses,
     parse_ip_addr, parse_listeners)
-from harness.remote_host import (
+from harness.transport.remote_host import (
     HostKeyError, HostUnreachable, RemoteHost, RemoteHostError, RemoteHostSpec, RemoteTimeout,
     TcpTarget, UnixTarget, on_hosts)
 from tests.e2e.netns_hosts import NetnsHost, NetnsLab, lab_or_skip

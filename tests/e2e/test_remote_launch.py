@@ -18,17 +18,17 @@ from typing import Callable, Iterator
 
 import pytest
 
-from harness import rootfs
-from harness.checks.jiffies import check_samples
-from harness.console import SerialConsole
-from harness.deploy import DeployError
+from harness.stages import rootfs
+from harness.stages.judge import check_samples
+from harness.transport.serial_console import SerialConsole
+from harness.hostkvm.modules import DeployError
 from harness.errors import BootError, ConsoleError, GuestSSHError, HarnessError
-from harness.guest_ssh import GuestSSH, SSHTarget
-from harness.launch import BootSpec
-from harness.launch.remote_qemu import (
+from harness.transport.guest_ssh import GuestSSH, SSHTarget
+from harness.backends.base import BootSpec
+from harness.backends.remote_qemu import (
     STATUS_CACHE_S, RemoteQemuGuest, RemoteQemuLauncher, free_remote_port)
-from harness.probes.jiffies import JiffiesProbe
-from harness.remote_host import (
+from harness.stages.probe import JiffiesProbe
+from harness.transport.remote_host import (
     HostKeyError, HostUnreachable, RemoteHost, RemoteHostError, RemoteHostSpec)
 from tests.e2e.netns_hosts import NetnsHost, NetnsLab, lab_or_skip
 

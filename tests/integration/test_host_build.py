@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.host_tree import HostBase, KvmModulesBuild, build_kvm, open_host_tree
-from harness.patches import SeriesState
+from harness.hostkvm.tree import HostBase, KvmModulesBuild, build_kvm, open_host_tree
+from harness.stages.patches import SeriesState
 from harness.progress import Progress
 
 CASES = [pytest.param("GVM_HOST_TREE_GIANTVM", HostBase.GIANTVM_MASTER, id="giantvm-master"),

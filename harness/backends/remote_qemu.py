@@ -1,0 +1,466 @@
+"""Stock QEMU on a remote host reached over SSH, reachable from here as if it ran on this machine.
+
+The launch line is QemuLauncher's, with every path on the remote host: the kernel and initramfs
+are uploaded (sha256-checked, skipped when the host already has them) to the host's content-
+addressed artifact store, and the kernel console file, the ttyS1 socket and QEMU's pid file live
+in a per-run directory under the host's work dir. QEMU runs detached (setsid, pid file), so it
+outlives the SSH connection, and any later invocation can stop it from the pid file alone.
+
+QEMU runs under a small `sh` that records its exit code in the run directory, so `exit_status()`
+can report how QEMU ended (killed, crashed, powered off) even though nobody here is its parent.
+
+Everything the pipeline needs is then made local again, through the one SSH connection:
+
+- the kernel console file is tailed into a local file by a polling thread, so waiting for
+  READY_MARKER and scanning for panics read a local file as with the local launcher;
+- a local unix socket relays each connection to the remote ttyS1 socket (OpenSSH's
+  direct-streamlocal channel), so SerialConsole connects to a path as before;
+- a local TCP port relays to QEMU's SSH forward on the remote host's loopback
+  (hostfwd=tcp:127.0.0.1:<remote port>-:22), so GuestSSH connects to 127.0.0.1:<local port>.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shlex
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Callable, Sequence
+
+from harness.hostkvm.modules import ARTIFACT_DIR, artifact_path, sha256_file, upload_file
+from harness.errors import BootError
+from harness.backends.base import BootSpec, GuestEndpoints, unix_socket_path
+from harness.backends.local_qemu import QemuLauncher
+from harness.transport.remote_host import (
+    DetachedProcess, PortForward, RemoteHost, RemoteHostError, TcpTarget, UnixTarget)
+
+REMOTE_RUNS = "runs"  # under the host's work_dir: one directory per run
+EXIT_FILE = "qemu.exit"
+CONSOLE_FILE = "console-kernel.log"
+SHELL_SOCKET = "console-shell.sock"
+QEMU_LOG = "qemu.log"
+SOCKET_WAIT_S = 30.0
+TAIL_INTERVAL_S = 0.2
+TAIL_CHUNK = 1 << 20
+STATUS_CACHE_S = 0.5  # exit_status() asks the host at most this often
+REMOTE_PORT_RANGE = (20000, 32767)  # below Linux's default ephemeral range
+ACCELERATORS = ("tcg", "kvm")
+PROC_NET_TCP = ("/proc/net/tcp", "/proc/net/tcp6")
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def free_remote_port(host: RemoteHost, low: int = REMOTE_PORT_RANGE[0],
+                     high: int = REMOTE_PORT_RANGE[1], rng: random.Random | None = None) -> int:
+    """A TCP port no socket uses on the host (any state, IPv4 and IPv6), for QEMU's hostfwd."""
+    output = host.run(read_existing_command(PROC_NET_TCP), check=True, timeout_s=15).stdout
+    used = used_ports(output)
+    rng = rng or random.Random()
+    for _ in range(1000):
+        port = rng.randint(low, high)
+        if port not in used:
+            return port
+    raise RemoteHostError(f"{host.spec.where}: no free TCP port between {low} and {high}")
+
+
+def read_existing_command(paths: Sequence[str]) -> str:
+    """`cat` of those of `paths` that exist: a host booted without IPv6 has no /proc/net/tcp6."""
+    return f'for f in {shlex.join(paths)}; do if [ -r "$f" ]; then cat "$f"; fi; done'
+
+
+def used_ports(proc_net_tcp: str) -> set[int]:
+    """Local ports in /proc/net/tcp{,6} text (`sl local_address rem_address st ...`)."""
+    ports = set()
+    for line in proc_net_tcp.splitlines():
+        fields = line.split()
+        if len(fields) > 2 and fields[0].endswith(":") and ":" in fields[1]:
+            ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def exit_recording_argv(argv: Sequence[str], exit_file: str) -> list[str]:
+    """`argv` under an `sh` that writes its exit code to `exit_file`, so a later look can tell a
+    crash (signal) from a clean exit even after the process is gone."""
+    quoted = shlex.quote(exit_file)
+    record = (f'"$0" "$@"; s=$?; echo "$s" > {quoted}.tmp && mv {quoted}.tmp {quoted}; '
+              'exit "$s"')
+    return ["sh", "-c", record, *argv]
+
+
+def exit_code(text: str) -> int:
+    """The wrapper's `$?` in Popen's convention: a death by signal N is -N."""
+    status = int(text.strip())
+    return -(status - 128) if status > 128 else status
+
+
+@dataclass(frozen=True)
+class RemoteGuestState:
+    """Everything needed to reach (or stop) a remote guest again; plain data, JSON-able."""
+
+    host: str
+    process_name: str
+    pid: int
+    accelerator: str
+    remote_run_dir: str
+    remote_console_log: str
+    remote_shell_socket: str
+    remote_ssh_port: int
+    remote_qemu_log: str
+    exit_file: str
+    local_console_log: str
+    local_shell_socket: str
+    local_ssh_port: int  # asked for; 0: any free port (the guest's endpoints say which)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RemoteQemuLauncher:
+    """One stock QEMU on `host`; `boot` names the local kernel and initramfs to upload."""
+
+    host: RemoteHost
+    qemu_binary: str
+    boot: BootSpec
+    local_dir: Path  # this run's folder here: the tailed console log and the serial socket
+    remote_ssh_port: int  # QEMU's hostfwd port on the remote host's loopback
+    accelerator: str = "tcg"
+    local_ssh_port: int = 0  # 0: any free loopback port, chosen at start
+    run_id: str = ""  # names the remote run directory; default: local_dir's name
+
+    def __post_init__(self) -> None:
+        if self.accelerator not in ACCELERATORS:
+            raise BootError(f"the remote QEMU launcher runs with accel 'tcg' or 'kvm', not "
+                            f"'{self.accelerator}' (a KVM test boot on a remote host is not "
+                            "implemented); set vm.accel explicitly")
+        for what, port in (("remote_ssh_port", self.remote_ssh_port),
+                           ("local_ssh_port", self.local_ssh_port)):
+            if not (what == "local_ssh_port" and port == 0) and not 1 <= port <= 65535:
+                raise BootError(f"{what} {port} is not a TCP port")
+
+    @property
+    def name(self) -> str:
+        return _SAFE_NAME.sub("_", self.run_id or self.local_dir.name) or "run"
+
+    @property
+    def process_name(self) -> str:
+        return f"qemu-{self.name}"
+
+    @property
+    def remote_run_dir(self) -> str:
+        return f"{self.host.spec.work_dir}/{REMOTE_RUNS}/{self.name}"
+
+    @cached_property
+    def _digests(self) -> tuple[str, str]:
+        return sha256_file(self.boot.kernel), sha256_file(self.boot.initrd)
+
+    @property
+    def remote_kernel(self) -> str:
+        return artifact_path(f"{self.host.spec.work_dir}/{ARTIFACT_DIR}", self._digests[0],
+                             self.boot.kernel.name)
+
+    @property
+    def remote_initrd(self) -> str:
+        return artifact_path(f"{self.host.spec.work_dir}/{ARTIFACT_DIR}", self._digests[1],
+                             self.boot.initrd.name)
+
+    def qemu(self) -> QemuLauncher:
+        """The local launcher's line, with the remote host's paths and port."""
+        remote_boot = BootSpec(kernel=Path(self.remote_kernel), initrd=Path(self.remote_initrd),
+                               cmdline=self.boot.cmdline, vcpus=self.boot.vcpus,
+                               memory_mb=self.boot.memory_mb)
+        return QemuLauncher(qemu_binary=self.qemu_binary, accelerator=self.accelerator,
+                            boot=remote_boot, run_dir=Path(self.remote_run_dir),
+                            ssh_port=self.remote_ssh_port)
+
+    @property
+    def remote_endpoints(self) -> GuestEndpoints:
+        """Where QEMU puts the consoles and SSH, as seen on the remote host."""
+        return self.qemu().endpoints
+
+    @property
+    def endpoints(self) -> GuestEndpoints:
+        """Where the guest will be reachable here (a port of 0 is chosen at start)."""
+        return GuestEndpoints(kernel_console_log=self.local_dir / CONSOLE_FILE,
+                              shell_socket=unix_socket_path(self.local_dir, SHELL_SOCKET),
+                              ssh_host="127.0.0.1", ssh_port=self.local_ssh_port)
+
+    @property
+    def exit_file(self) -> str:
+        return f"{self.remote_run_dir}/{EXIT_FILE}"
+
+    def command_lines(self) -> list[list[str]]:
+        """QEMU's line as it runs on the remote host."""
+        return self.qemu().command_lines()
+
+    def remote_argv(self) -> list[str]:
+        """What is started detached: QEMU's line under an `sh` that records its exit code."""
+        (qemu,) = self.command_lines()
+        return exit_recording_argv(qemu, self.exit_file)
+
+    def state(self, process: DetachedProcess) -> RemoteGuestState:
+        remote = self.remote_endpoints
+        local = self.endpoints
+        return RemoteGuestState(
+            host=self.host.name, process_name=process.name, pid=process.pid,
+            accelerator=self.accelerator, remote_run_dir=self.remote_run_dir,
+            remote_console_log=str(remote.kernel_console_log),
+            remote_shell_socket=str(remote.shell_socket), remote_ssh_port=self.remote_ssh_port,
+            remote_qemu_log=process.log_file,
+            exit_file=self.exit_file, local_console_log=str(local.kernel_console_log),
+            local_shell_socket=str(local.shell_socket), local_ssh_port=self.local_ssh_port)
+
+    def start(self) -> RemoteQemuGuest:
+        host = self.host
+        host.connect()  # a wrong host key or a dead host fails here, before any upload
+        for local, remote, digest in ((self.boot.kernel, self.remote_kernel, self._digests[0]),
+                                      (self.boot.initrd, self.remote_initrd, self._digests[1])):
+            upload_file(host, local, remote, digest)
+        running = host.running_pid(self.process_name)
+        if running is not None:  # before anything of its run directory is touched
+            raise BootError(f"QEMU did not start on {host.spec.where}: '{self.process_name}' is "
+                            f"already running as process group {running}; stop it first")
+        remote = self.remote_endpoints
+        stale = [str(remote.kernel_console_log), str(remote.shell_socket), self.exit_file,
+                 f"{self.remote_run_dir}/qemu.pid"]
+        host.run(f"mkdir -p {shlex.quote(self.remote_run_dir)} && rm -f {shlex.join(stale)}",
+                 check=True)
+        try:
+            process = host.start_detached(self.process_name, self.remote_argv())
+        except RemoteHostError as error:
+            raise BootError(f"QEMU did not start: {error}") from None
+        guest = RemoteQemuGuest(host, self.state(process))
+        try:
+            guest.wait_for_remote_socket(SOCKET_WAIT_S)
+            guest.open_local(fresh=True)
+        except BaseException:
+            guest.stop()
+            raise
+        return guest
+
+
+class ConsoleTail:
+    """Copies a growing file to a local one by polling `read(offset)`; a thread, until close."""
+
+    def __init__(self, read: Callable[[int], bytes], local: Path, fresh: bool,
+                 interval_s: float = TAIL_INTERVAL_S):
+        self._read = read
+        self.local = local
+        self.interval_s = interval_s
+        self.last_error: str | None = None
+        local.parent.mkdir(parents=True, exist_ok=True)
+        if fresh or not local.exists():
+            local.write_bytes(b"")
+        self.offset = local.stat().st_size
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"console-tail-{local.name}")
+        self._thread.start()
+
+    def poll(self) -> int:
+        """Copy what is new; the number of bytes copied. Errors are kept, not raised."""
+        with self._lock:
+            copied = 0
+            while True:
+                try:
+                    data = self._read(self.offset)
+                except RemoteHostError as error:
+                    self.last_error = str(error)
+                    return copied
+                if not data:
+                    return copied
+                with self.local.open("ab") as file:
+                    file.write(data)
+                self.offset += len(data)
+                copied += len(data)
+                if len(data) < TAIL_CHUNK:
+                    return copied
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=max(5.0, 2 * self.interval_s))
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.poll()
+
+
+@dataclass
+class RemoteQemuGuest:
+    """A QEMU running on a remote host, with local forwards to its consoles and SSH."""
+
+    host: RemoteHost
+    state: RemoteGuestState
+    endpoints: GuestEndpoints = field(init=False)
+    tail: ConsoleTail | None = field(default=None, init=False, repr=False)
+    shell_forward: PortForward | None = field(default=None, init=False, repr=False)
+    ssh_forward: PortForward | None = field(default=None, init=False, repr=False)
+    stop_outcome: str | None = field(default=None, init=False)
+    _status: int | None = field(default=None, init=False, repr=False)
+    _checked_at: float = field(default=float("-inf"), init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.endpoints = GuestEndpoints(
+            kernel_console_log=Path(self.state.local_console_log),
+            shell_socket=Path(self.state.local_shell_socket), ssh_host="127.0.0.1",
+            ssh_port=self.state.local_ssh_port)
+
+    @property
+    def accelerator(self) -> str:
+        return self.state.accelerator
+
+    @property
+    def pid(self) -> int:
+        """The remote process group (the recording `sh`; QEMU's own pid is in qemu.pid)."""
+        return self.state.pid
+
+    @property
+    def where(self) -> str:
+        return self.host.spec.where
+
+    @classmethod
+    def attach(cls, host: RemoteHost, state: RemoteGuestState) -> RemoteQemuGuest:
+        """Reach a guest an earlier invocation started; the local console log is resumed."""
+        guest = cls(host, state)
+        guest.open_local(fresh=False)
+        return guest
+
+    def open_local(self, fresh: bool) -> None:
+        """Start the console tail and the two forwards; undone by `close_local`."""
+        try:
+            self.tail = ConsoleTail(self._read_console, Path(self.state.local_console_log),
+                                    fresh=fresh)
+            self.tail.poll()
+            self.shell_forward = self.host.forward(UnixTarget(self.state.remote_shell_socket),
+                                                   local_path=Path(self.state.local_shell_socket))
+            self.ssh_forward = self.host.forward(TcpTarget(self.state.remote_ssh_port),
+                                                 self.state.local_ssh_port)
+        except BaseException:
+            self.close_local()
+            raise
+        self.endpoints = GuestEndpoints(
+            kernel_console_log=Path(self.state.local_console_log),
+            shell_socket=Path(self.state.local_shell_socket), ssh_host="127.0.0.1",
+            ssh_port=self.ssh_forward.local_port)
+
+    def close_local(self) -> None:
+        """Close the forwards and stop the tail (QEMU keeps running); safe to call twice."""
+        for forward in (self.shell_forward, self.ssh_forward):
+            if forward is not None:
+                forward.close()
+        self.shell_forward = self.ssh_forward = None
+        if self.tail is not None:
+            self.tail.close()
+
+    def _read_console(self, offset: int) -> bytes:
+        return self.host.read_file(self.state.remote_console_log, offset, TAIL_CHUNK)
+
+    def wait_for_remote_socket(self, timeout_s: float) -> None:
+        """Wait (on the host, in one command) until QEMU opened ttyS1's socket."""
+        steps = max(1, round(timeout_s / 0.1))
+        sock, exit_file = (shlex.quote(self.state.remote_shell_socket),
+                           shlex.quote(self.state.exit_file))
+        script = "\n".join([
+            "i=0",
+            f"while [ ! -S {sock} ]; do",
+            f'  [ -s {exit_file} ] && {{ echo "exited $(cat {exit_file})"; exit 3; }}',
+            f'  kill -0 {self.state.pid} 2>/dev/null || {{ echo "gone"; exit 4; }}',
+            f'  [ "$i" -ge {steps} ] && {{ echo timeout; exit 5; }}',
+            "  sleep 0.1; i=$((i+1))",
+            "done",
+        ])
+        result = self.host.run(script, timeout_s=timeout_s + 15)
+        if result.exit_status == 0:
+            return
+        if result.exit_status == 5:
+            raise BootError(f"QEMU on {self.where} did not create {self.state.remote_shell_socket} "
+                            f"within {timeout_s:.0f}s; see {self.state.remote_qemu_log} there")
+        raise BootError(f"QEMU on {self.where} exited before it opened "
+                        f"{self.state.remote_shell_socket} ({result.stdout.strip()}): "
+                        f"{self.qemu_log_tail()}")
+
+    def exit_status(self) -> int | None:
+        """None while QEMU runs; its exit code once it stopped (-N: killed by signal N; -1:
+        gone without a code). Asks the host at most every STATUS_CACHE_S seconds."""
+        with self._lock:
+            if self._status is not None:
+                return self._status
+            now = time.monotonic()
+            if now - self._checked_at < STATUS_CACHE_S:
+                return None
+            self._checked_at = now
+            self._reconnect_if_lost()
+            if self.host.running_pid(self.state.process_name) is not None:
+                return None
+            self._status = self._recorded_exit()
+            return self._status
+
+    def _reconnect_if_lost(self) -> None:
+        """RemoteHost never reuses a dead connection; dropping it makes the next call log in
+        again (and the forwards and the tail use the new one from their next channel on)."""
+        if not self.host.connected:
+            self.host.close()
+
+    def _recorded_exit(self) -> int:
+        result = self.host.run(f"cat {shlex.quote(self.state.exit_file)} 2>/dev/null",
+                               timeout_s=15)
+        try:
+            return exit_code(result.stdout) if result.exit_status == 0 else -1
+        except ValueError:
+            return -1
+
+    def qemu_log_tail(self, lines: int = 10) -> str:
+        try:
+            result = self.host.run(["tail", "-n", str(lines), self.state.remote_qemu_log],
+                                   timeout_s=10)
+        except RemoteHostError as error:
+            return f"(QEMU's log {self.state.remote_qemu_log} is out of reach: {error})"
+        return result.stdout.strip() or "(QEMU's log is empty)"
+
+    def detach(self) -> None:
+        self.close_local()
+        self.host.close()
+
+    def stop(self) -> None:
+        """Stop QEMU's process group on the host (TERM, then KILL), the forwards and the tail.
+
+        Safe to call twice. If the host cannot be reached, the local side is still closed and a
+        RemoteHostError says how to stop QEMU by hand; a later call tries again.
+        """
+        self.close_local()
+        if self.stop_outcome is not None:
+            return
+        try:
+            self._reconnect_if_lost()
+            outcome = self.host.stop_detached(self.state.process_name)
+        except RemoteHostError as error:
+            raise RemoteHostError(
+                f"could not stop QEMU on {self.where}: {error}. It may still run there as "
+                f"process group {self.state.pid}: `kill -TERM -{self.state.pid}`") from None
+        self.stop_outcome = outcome
+        with self._lock:
+            if self._status is None:
+                self._status = {"terminated": -15, "killed": -9}.get(outcome)
+                if self._status is None:
+                    self._status = self._recorded_exit()
+        if self.tail is not None:
+            self.tail.poll()  # the last lines QEMU wrote
+        self._copy_qemu_log()
+
+    def _copy_qemu_log(self) -> None:
+        local = Path(self.state.local_console_log).parent / QEMU_LOG
+        try:
+            data = self.host.read_file(self.state.remote_qemu_log)
+        except RemoteHostError as error:
+            data = f"(QEMU's log {self.state.remote_qemu_log} is out of reach: {error})\n".encode()
+        local.write_bytes(data)

@@ -1,1 +1,0 @@
-"""Checks: turning probe samples into pass/fail results."""

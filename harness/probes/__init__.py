@@ -1,1 +1,0 @@
-"""Probes: what the guest is asked, over SSH or the serial console."""

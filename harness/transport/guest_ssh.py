@@ -1,0 +1,174 @@
+"""SSH into the guest with paramiko: pinned host key, one deadline, backoff between attempts.
+
+QEMU's port forward accepts TCP before the guest's sshd listens, and a just-started sshd can drop
+the banner, so readiness is: an `SSH-` banner on a raw socket, then a paramiko login, retried with
+exponential backoff and jitter until one wall-clock deadline. A wrong host key or a refused key is
+fatal at once: retrying cannot fix it.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+import select
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import paramiko
+
+from harness.transport.serial_console import CommandResult
+from harness.errors import GuestSSHError
+
+BACKOFF_START_S = 0.25
+BACKOFF_CAP_S = 3.0
+# A forwarded port (QEMU's or Bochs' slirp) accepts before the guest's sshd listens and that
+# connection then stays silent, so a banner is waited for a quarter of the time spent so far,
+# within these bounds: short while the guest boots, longer for a loaded or emulated host.
+BANNER_WAIT_MIN_S = 0.5
+BANNER_WAIT_MAX_S = 5.0
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SSHTarget:
+    host: str
+    port: int
+    user: str
+    key_file: Path
+    host_key_type: str
+    host_key_base64: str
+
+
+def wait_for_banner(host: str, port: int, timeout_s: float) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as connection:
+            connection.settimeout(timeout_s)
+            return connection.recv(4).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
+class LoginNotYet(Exception):
+    """A login attempt failed in a way that a later attempt can fix."""
+
+
+class SSHNotReady(Exception):
+    def __init__(self, attempts: int, last_error: str):
+        super().__init__(last_error)
+        self.attempts = attempts
+        self.last_error = last_error
+
+
+def log_in_when_ready(host: str, port: int, timeout_s: float, attempt: Callable[[float], T],
+                      still_booting: Callable[[], None] = lambda: None) -> tuple[T, int]:
+    """Wait for a banner, then `attempt(login timeout)`, with backoff until one deadline; the
+    result and the number of attempts. `attempt` raises LoginNotYet to be retried, anything
+    else to give up; `still_booting` raises if the machine died."""
+    deadline = time.monotonic() + timeout_s
+    delay = BACKOFF_START_S
+    attempts = 0
+    while True:
+        attempts += 1
+        attempt_started = time.monotonic()
+        remaining = deadline - attempt_started
+        banner_wait = min(max((timeout_s - remaining) / 4, BANNER_WAIT_MIN_S), BANNER_WAIT_MAX_S)
+        if wait_for_banner(host, port, min(banner_wait, max(remaining, 0.5))):
+            try:
+                return attempt(min(10.0, max(remaining, 1.0))), attempts
+            except LoginNotYet as error:
+                last_error = str(error)
+        else:
+            last_error = "no SSH banner yet"
+        still_booting()
+        if time.monotonic() + delay > deadline:
+            raise SSHNotReady(attempts, last_error)
+        # the pause between attempts counts the time this attempt already waited
+        time.sleep(max(0.0, delay * random.uniform(0.8, 1.2)
+                       - (time.monotonic() - attempt_started)))
+        delay = min(delay * 2, BACKOFF_CAP_S)
+
+
+class GuestSSH:
+    def __init__(self, target: SSHTarget, command_timeout_s: float):
+        self.target = target
+        self.command_timeout_s = command_timeout_s
+        self._client: paramiko.SSHClient | None = None
+
+    def connect(self, timeout_s: float, still_booting: Callable[[], None] = lambda: None) -> int:
+        """Connect before the deadline; return the number of attempts it took.
+
+        `still_booting` is called between attempts and should raise if the guest died, so a
+        crashed VM fails fast instead of using up the whole deadline.
+        """
+        def attempt(login_timeout_s: float) -> paramiko.SSHClient:
+            try:
+                return self._login(timeout_s=login_timeout_s)
+            except (paramiko.BadHostKeyException, paramiko.AuthenticationException) as error:
+                raise GuestSSHError(f"SSH to {self._where()} refused for good: {error}. The "
+                                    "guest is not the one this run built (stale port?) or "
+                                    "its keys differ") from None
+            except (paramiko.SSHException, OSError) as error:
+                raise LoginNotYet(f"{type(error).__name__}: {error}") from None
+
+        try:
+            self._client, attempts = log_in_when_ready(self.target.host, self.target.port,
+                                                       timeout_s, attempt, still_booting)
+        except SSHNotReady as error:
+            raise GuestSSHError(f"SSH to {self._where()} not ready after {timeout_s:.0f}s and "
+                                f"{error.attempts} attempts; last: {error.last_error}") from None
+        return attempts
+
+    def run(self, command: str, timeout_s: float | None = None) -> CommandResult:
+        """Run one command; stdout and stderr are drained before the exit status is read."""
+        if self._client is None:
+            raise GuestSSHError("run() before connect()")
+        timeout = timeout_s or self.command_timeout_s
+        deadline = time.monotonic() + timeout
+        transport = self._client.get_transport()
+        if transport is None or not transport.is_active():
+            raise GuestSSHError(f"the SSH connection to {self._where()} is closed")
+        channel = transport.open_session(timeout=timeout)
+        channel.exec_command(command)
+        output = bytearray()
+        while not (channel.exit_status_ready() and not channel.recv_ready()
+                   and not channel.recv_stderr_ready()):
+            if time.monotonic() > deadline:
+                channel.close()
+                raise GuestSSHError(f"`{command}` over SSH did not finish within {timeout:.0f}s")
+            select.select([channel], [], [], 0.1)
+            while channel.recv_ready():
+                output += channel.recv(65536)
+            while channel.recv_stderr_ready():
+                output += channel.recv_stderr(65536)
+        status = channel.recv_exit_status()
+        channel.close()
+        return CommandResult(output=output.decode(errors="replace").rstrip("\n"),
+                             exit_status=status)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def _login(self, timeout_s: float) -> paramiko.SSHClient:
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        known_as = f"[{self.target.host}]:{self.target.port}"
+        key = paramiko.PKey.from_type_string(self.target.host_key_type,
+                                             base64.b64decode(self.target.host_key_base64))
+        client.get_host_keys().add(known_as, self.target.host_key_type, key)
+        client.connect(self.target.host, port=self.target.port, username=self.target.user,
+                       key_filename=str(self.target.key_file), look_for_keys=False,
+                       allow_agent=False, timeout=timeout_s, banner_timeout=timeout_s,
+                       auth_timeout=timeout_s)
+        transport = client.get_transport()
+        if transport is not None:
+            transport.set_keepalive(15)
+        return client
+
+    def _where(self) -> str:
+        return f"{self.target.user}@{self.target.host}:{self.target.port}"
+

@@ -1,0 +1,50 @@
+"""Probe output parsing and the fallback command."""
+
+import pytest
+
+from harness.transport.serial_console import CommandResult
+from harness.errors import ProbeError
+from harness.stages.probe import JiffiesProbe, fallback_command, parse_probe_output
+
+
+def test_parses_one_row_per_vcpu_as_64_bit() -> None:
+    text = "cpu=1 jiffies=4294967396 ktime_ns=20\ncpu=0 jiffies=4294967395 ktime_ns=10\n"
+    assert parse_probe_output(text, 2) == [(1, 4294967396, 20), (0, 4294967395, 10)]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("cpu=0 jiffies=1 ktime_ns=1\n", r"returned vCPUs \[0\], expected 0..1"),
+    ("cpu=0 jiffies=1 ktime_ns=1\ncpu=0 jiffies=1 ktime_ns=1\n", r"returned vCPUs \[0, 0\]"),
+    ("cpu=0 jiffies=1 ktime_ns=1\ncpu=1 jiffies: 5\n", r"unexpected probe line 'cpu=1 jiffies: 5'"),
+])
+def test_bad_output_is_an_error(text: str, message: str) -> None:
+    with pytest.raises(ProbeError, match=message):
+        parse_probe_output(text, 2)
+
+
+def test_fallback_visits_every_vcpu_with_taskset() -> None:
+    command = fallback_command(4)
+    assert "seq 0 3" in command and "taskset -c $c" in command and "/proc/timer_list" in command
+
+
+class FakeRunner:
+    """Answers like a guest without the kernel probe; records what it was asked."""
+
+    def __init__(self) -> None:
+        self.commands: list[str] = []
+
+    def run(self, command: str, timeout_s: float | None = None) -> CommandResult:
+        self.commands.append(command)
+        if command.startswith("test -r"):
+            return CommandResult("", 1)
+        return CommandResult("cpu=0 jiffies=5 ktime_ns=7\ncpu=1 jiffies=5 ktime_ns=9", 0)
+
+
+def test_probe_falls_back_and_labels_samples() -> None:
+    runner = FakeRunner()
+    probe = JiffiesProbe(runner, "ssh", vcpus=2, vcpus_per_node=1)
+    samples = probe.sample(rounds=2, interval_s=0)
+    assert probe.method == "taskset-timer_list"
+    assert [(s.round, s.vcpu, s.node) for s in samples] == [(0, 0, 0), (0, 1, 1), (1, 0, 0),
+                                                            (1, 1, 1)]
+    assert runner.commands[1] == fallback_command(2)
