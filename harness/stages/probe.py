@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
-from harness.transport.serial_console import CommandResult
+from harness.transport.exec import CommandResult
 from harness.errors import ProbeError
 
 KERNEL_PROBE = "/proc/gvm_jiffies"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import random
-import select
 import socket
 import time
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Callable, TypeVar
 
 import paramiko
 
-from harness.transport.serial_console import CommandResult
+from harness.transport.exec import ChannelTimeout, CommandResult, exec_on_channel
 from harness.errors import GuestSSHError
 
 BACKOFF_START_S = 0.25
@@ -126,27 +125,17 @@ class GuestSSH:
         if self._client is None:
             raise GuestSSHError("run() before connect()")
         timeout = timeout_s or self.command_timeout_s
-        deadline = time.monotonic() + timeout
         transport = self._client.get_transport()
         if transport is None or not transport.is_active():
             raise GuestSSHError(f"the SSH connection to {self._where()} is closed")
-        channel = transport.open_session(timeout=timeout)
-        channel.exec_command(command)
-        output = bytearray()
-        while not (channel.exit_status_ready() and not channel.recv_ready()
-                   and not channel.recv_stderr_ready()):
-            if time.monotonic() > deadline:
-                channel.close()
-                raise GuestSSHError(f"`{command}` over SSH did not finish within {timeout:.0f}s")
-            select.select([channel], [], [], 0.1)
-            while channel.recv_ready():
-                output += channel.recv(65536)
-            while channel.recv_stderr_ready():
-                output += channel.recv_stderr(65536)
-        status = channel.recv_exit_status()
-        channel.close()
+        try:
+            result = exec_on_channel(transport, command, timeout)
+        except ChannelTimeout:
+            raise GuestSSHError(f"`{command}` over SSH did not finish within {timeout:.0f}s") \
+                from None
+        output = result.stdout + result.stderr
         return CommandResult(output=output.decode(errors="replace").rstrip("\n"),
-                             exit_status=status)
+                             exit_status=result.exit_status)
 
     def close(self) -> None:
         if self._client is not None:

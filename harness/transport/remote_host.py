@@ -34,6 +34,7 @@ import paramiko
 
 from harness.config import HostConfig
 from harness.errors import HarnessError
+from harness.transport.exec import ChannelTimeout, exec_on_channel
 
 DEFAULT_KNOWN_HOSTS = Path("~/.ssh/known_hosts").expanduser()
 COMMAND_TIMEOUT_S = 60.0
@@ -307,32 +308,19 @@ class RemoteHost:
             check: bool = False, as_root: bool = False) -> RemoteResult:
         """Run a shell command (or an argv, quoted for the shell) before a deadline."""
         text = command if isinstance(command, str) else shlex.join(command)
-        deadline = time.monotonic() + timeout_s
-        stdout, stderr = bytearray(), bytearray()
         try:
             transport = self._transport()
-            channel = transport.open_session(timeout=timeout_s)
-            channel.exec_command(self._privileged(text) if as_root else text)
-            while True:
-                while channel.recv_ready():
-                    stdout += channel.recv(65536)
-                while channel.recv_stderr_ready():
-                    stderr += channel.recv_stderr(65536)
-                if channel.exit_status_ready() and not channel.recv_ready() \
-                        and not channel.recv_stderr_ready():
-                    break
-                if time.monotonic() > deadline:
-                    channel.close()
-                    raise RemoteTimeout(f"{self.spec.where}: `{text}` did not finish within "
-                                        f"{timeout_s:.0f}s")
-                select.select([channel], [], [], 0.1)
-            status = channel.recv_exit_status()
-            channel.close()
-            if status == -1 and not transport.is_active():
+            output = exec_on_channel(transport, self._privileged(text) if as_root else text,
+                                     timeout_s)
+            if output.exit_status == -1 and not transport.is_active():
                 raise RemoteHostError(f"{self.spec.where}: the connection was lost while "
                                       f"running `{text}`")
+        except ChannelTimeout:
+            raise RemoteTimeout(f"{self.spec.where}: `{text}` did not finish within "
+                                f"{timeout_s:.0f}s") from None
         except (paramiko.SSHException, OSError, EOFError) as error:
             raise RemoteHostError(f"{self.spec.where}: `{text}` failed: {error}") from None
+        status, stdout, stderr = output.exit_status, output.stdout, output.stderr
         result = RemoteResult(host=self.name, command=text, exit_status=status,
                               stdout=stdout.decode(errors="replace"),
                               stderr=stderr.decode(errors="replace"))

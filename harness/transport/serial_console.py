@@ -13,13 +13,13 @@ import re
 import secrets
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pexpect
 import pexpect.fdpexpect
 
 from harness.errors import ConsoleError
+from harness.transport.exec import CommandResult
 
 PROMPT = "gvm-console# "
 LOGIN_PROMPT = re.compile(r"login: ?$", re.M)
@@ -27,17 +27,6 @@ PASSWORD_PROMPT = re.compile(r"[Pp]assword: ?$", re.M)
 # BusyBox ash follows its prompt with a cursor-position query (ESC [6n).
 SHELL_PROMPT = re.compile(r"[#$] (?:\x1b\[6n)?$")
 MARKER_PREFIX = "__GVM_"
-
-
-@dataclass(frozen=True)
-class CommandResult:
-    output: str
-    exit_status: int
-
-    def check(self, command: str) -> str:
-        if self.exit_status != 0:
-            raise ConsoleError(f"`{command}` exited with {self.exit_status}: {self.output.strip()}")
-        return self.output
 
 
 class SerialConsole:

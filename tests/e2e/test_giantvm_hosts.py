@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-import yaml
 
 from harness.backends.giantvm import backend as giantvm_pipeline
 from harness.config import ClusterConfig, parse_config

@@ -67,7 +67,7 @@ def run_guest_suite(config: ClusterConfig, host: RunningBochsHost, facts: Machin
     SSH, judge it, stop it."""
     qemu_tree = required_qemu_tree(config)
     if not facts.dev_kvm:
-        raise HarnessError(f"the Bochs machine's kernel has no /dev/kvm; boot a Linux-DSM kernel "
+        raise HarnessError("the Bochs machine's kernel has no /dev/kvm; boot a Linux-DSM kernel "
                            "built with host_patches/bochs-host.config")
     with progress.step(f"upload the QEMU build in {qemu_tree} to the Bochs machine"):
         qemu_binary = upload_qemu_build(host.remote, qemu_tree)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from harness.transport.serial_console import CommandResult
+from harness.transport.exec import CommandResult
 from harness.errors import ProbeError
 from harness.stages.probe import JiffiesProbe, fallback_command, parse_probe_output
 
