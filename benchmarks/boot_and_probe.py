@@ -19,14 +19,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import suite as pipeline  # noqa: E402
-from harness.stages import rootfs  # noqa: E402
-from harness.config import DEFAULT_CONFIG, load_config  # noqa: E402
+from harness import suite  # noqa: E402
 from harness.backends.base import BootSpec  # noqa: E402
-from harness.backends.local_qemu import QemuLauncher, free_loopback_port  # noqa: E402
-from harness.stages.probe import JiffiesProbe  # noqa: E402
+from harness.backends.local_qemu import QemuLauncher  # noqa: E402
+from harness.config import DEFAULT_CONFIG, load_config  # noqa: E402
 from harness.progress import Progress  # noqa: E402
 from harness.run_folder import RunFolder  # noqa: E402
+from harness.stages import rootfs  # noqa: E402
+from harness.stages.probe import JiffiesProbe  # noqa: E402
+from harness.transport.local_process import free_loopback_port  # noqa: E402
 
 
 def raw_boot_to_ssh(config, kernel: Path, run: RunFolder, accelerator: str) -> float:
@@ -61,15 +62,14 @@ def main() -> int:
     config = load_config(args.config)
     progress = Progress()
     run = RunFolder.create(config.run_root, f"{config.name}-benchmark")
-    _, build = pipeline.patch_and_build(config, run, progress)
-    kernel, hz = Path(build.bzimage.path), pipeline.kernel_hz(Path(build.config.path))
+    kernel, hz = suite.build_guest(config, run, progress)
 
     raw_boots, harness_boots, raw_trips, probe_trips = [], [], [], []
     for _ in range(args.repeat):
         raw_run = RunFolder.create(config.run_root, f"{config.name}-benchmark-raw")
         harness_run = RunFolder.create(config.run_root, f"{config.name}-benchmark-harness")
         started = time.monotonic()
-        session = pipeline.boot_guest(config, kernel, hz, harness_run, progress)
+        session = suite.boot_guest(config, kernel, hz, harness_run, progress)
         try:
             ssh = session.open_ssh(300)
             harness_boots.append(time.monotonic() - started)
@@ -83,7 +83,7 @@ def main() -> int:
                 probe_trips.append(time.monotonic() - begin)
         finally:
             session.close()
-        raw_boots.append(raw_boot_to_ssh(config, kernel, raw_run, session.record.accelerator))
+        raw_boots.append(raw_boot_to_ssh(config, kernel, raw_run, session.guest.accelerator))
 
     rows = [("boot → SSH ready (s)", statistics.median(raw_boots), statistics.median(harness_boots)),
             ("round trip (ms)", 1000 * statistics.median(raw_trips),
@@ -92,7 +92,7 @@ def main() -> int:
     for name, raw, harness in rows:
         print(f"{name:<26}{raw:>10.3f}{harness:>10.3f}{harness / raw:>8.2f}")
     print(f"probe method: {probe.method}, vCPUs: {config.vm.vcpus}, "
-          f"accelerator: {session.record.accelerator}")
+          f"accelerator: {session.guest.accelerator}")
     return 0
 
 

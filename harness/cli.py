@@ -12,17 +12,20 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from harness import modelcheck, suite as pipeline
-from harness.backends.bochs import backend as bochs_pipeline, host as bochs_host
-from harness.backends.giantvm import backend as giantvm_pipeline
-from harness.hostkvm import tree as host_tree
-from harness.stages.cache_lock import cache_lock
-from harness.config import DEFAULT_CONFIG, ClusterConfig, load_config
-from harness.errors import HarnessError
+from harness import modelcheck, suite
 from harness.backends.base import BootSpec
+from harness.backends.bochs.backend import BochsBackend, describe, required_qemu_tree
+from harness.backends.bochs.host import start_bochs_host
+from harness.backends.giantvm.backend import launcher_for
+from harness.config import DEFAULT_CONFIG, ClusterConfig, load_config
+from harness.errors import HarnessError, KernelUnderTestError
+from harness.hostkvm import tree as host_tree
+from harness.hostkvm.deploy import deploy_host_kvm
 from harness.progress import Progress
-from harness.stages.report import verdict_table
 from harness.run_folder import RunFolder
+from harness.stages.cache_lock import cache_lock
+from harness.stages.guest_kernel import apply_series, guest_series, prepare_guest_tree
+from harness.stages.report import verdict_table
 
 EXIT_FAIL, EXIT_ERROR, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -35,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         return args.handler(args, config, progress)
+    except KernelUnderTestError as error:
+        progress.say(f"FAIL: {error}")
+        return EXIT_FAIL
     except HarnessError as error:
         progress.say(f"error: {error}")
         return EXIT_ERROR
@@ -100,132 +106,89 @@ def _patch(args: argparse.Namespace, config: ClusterConfig, progress: Progress) 
 
 def _patch_locked(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
     if args.revert:
-        tree, _, series = pipeline.guest_series(config, progress)
+        tree, _, series = guest_series(config, progress)
         if series is None:
             progress.say("no guest series configured; nothing to revert")
             return 0
         reverted = series.revert(tree)
         progress.say(f"reverted: {', '.join(reverted) or 'nothing was applied'}")
         return 0
-    pipeline.prepare_guest_tree(config, progress)
+    prepare_guest_tree(config, progress)
     return 0
 
 
 def _status(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
-    tree, version, series = pipeline.guest_series(config, progress)
+    tree, version, series = guest_series(config, progress)
     print(f"guest tree: {tree} (Linux {version})")
     if series is not None:
         print(f"series {series.directory}: {series.status(tree).describe()}")
-    latest = RunFolder.newest_with(config.run_root, pipeline.SESSION_FILE)
+    latest = RunFolder.newest_with(config.run_root, suite.SESSION_FILE)
     if latest is None:
         print("no guest started yet")
         return 0
-    session = pipeline.attach_session(config, latest, forwards=False)
+    session = suite.attach_session(config, latest, forwards=False)
     try:
         alive = session.guest.exit_status() is None
     finally:
         session.detach()
     print(f"latest run: {latest.path}: guest {'running' if alive else 'stopped'} on "
-          f"{session.record.host} (pid {session.record.pid})")
+          f"{session.guest.where} (pid {session.guest.pid})")
     return 0
-
-
-def _build_into(config: ClusterConfig, run: RunFolder, progress: Progress):
-    _, result = pipeline.patch_and_build(config, run, progress)
-    progress.say(f"    kernel {result.kernel_release}, bzImage sha256 {result.bzimage.sha256[:16]}…")
-    return result
 
 
 def _build(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
     run = RunFolder.create(config.run_root, config.name)
-    _build_into(config, run, progress)
+    suite.build_guest(config, run, progress)
     progress.say(f"run folder: {run.path}")
     return 0
 
 
-def _boot(config: ClusterConfig, run: RunFolder, progress: Progress) -> pipeline.GuestSession:
-    result = _build_into(config, run, progress)
-    hz = pipeline.kernel_hz(Path(result.config.path))
-    session = pipeline.boot_guest(config, Path(result.bzimage.path), hz, run, progress)
-    for line in pipeline.atomic_inc_lines(Path(session.record.kernel_console_log)):
-        progress.say(f"    guest says: {line}")
-    return session
-
-
 def _up(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
     run = RunFolder.create(config.run_root, config.name)
-    session = _boot(config, run, progress)
+    session = suite.up(config, run, progress)
     try:
-        session.open_ssh(pipeline.boot_timeout(config, session.record.accelerator,
-                                               config.timeouts.ssh_s))
+        session.open_ssh()
     except BaseException:
         session.close()
         raise
     session.detach()
-    progress.say(f"guest is up on {session.record.host} (pid {session.record.pid}); "
+    progress.say(f"guest is up on {session.guest.where} (pid {session.guest.pid}); "
                  f"run folder: {run.path}")
-    if session.record.remote is None and session.record.cluster is None:
-        progress.say(f"    ssh -i {session.record.client_key} -p {session.record.ssh_port} "
-                     f"-o StrictHostKeyChecking=no root@127.0.0.1")
+    if session.record.kind == "local-qemu":
+        progress.say(f"    ssh -i {session.record.access.client_key} -p "
+                     f"{session.guest.endpoints.ssh_port} -o StrictHostKeyChecking=no "
+                     "root@127.0.0.1")
     progress.say("    then: ./gvm probe; ./gvm down")
     return 0
 
 
-def _attached(args: argparse.Namespace, config: ClusterConfig,
-              forwards: bool = True) -> pipeline.GuestSession:
+def _chosen_run(args: argparse.Namespace, config: ClusterConfig) -> RunFolder:
     run = RunFolder(args.run.resolve()) if args.run else \
-        RunFolder.newest_with(config.run_root, pipeline.SESSION_FILE)
+        RunFolder.newest_with(config.run_root, suite.SESSION_FILE)
     if run is None:
         raise HarnessError(f"no guest was started under {config.run_root}; start one with `up`")
-    return pipeline.attach_session(config, run, forwards=forwards)
+    return run
 
 
 def _probe(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
-    session = _attached(args, config)
-    session.raise_if_dead()
-    try:
-        samples = pipeline.probe_guest(session, config, progress)
-        host_checks = _host_checks(session, progress)
-    finally:
-        session.detach()
-    return _report(pipeline.judge(samples, session.record.hz, config, session.run, host_checks),
-                   session.run)
-
-
-def _host_checks(session: pipeline.GuestSession, progress: Progress):
-    if session.record.cluster is None:
-        return []
-    with progress.step("scan every host's kernel log since the run began"):
-        return pipeline.host_log_checks(session)
+    run = _chosen_run(args, config)
+    return _report(suite.probe(config, run, progress), run)
 
 
 def _down(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
-    session = _attached(args, config, forwards=False)
-    session.close()
+    session = suite.down(config, _chosen_run(args, config))
     progress.say(f"stopped the guest of {session.run.path}")
     return 0
 
 
 def _run(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
     run = RunFolder.create(config.run_root, config.name)
-    session = _boot(config, run, progress)
-    try:
-        samples = pipeline.probe_guest(session, config, progress)
-    finally:
-        if args.keep:
-            session.detach()
-        else:
-            session.close()
-    try:  # after the stop, so the DSM's shutdown lines are scanned too
-        host_checks = _host_checks(session, progress)
-    finally:
-        session.detach()
-    return _report(pipeline.judge(samples, session.record.hz, config, run, host_checks), run)
+    return _report(suite.run_suite(config, run, progress, keep=args.keep), run)
 
 
 def _deploy(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
     run = RunFolder.create(config.run_root, f"deploy-{config.name}")
-    giantvm_pipeline.deploy_host_kvm(config, run, progress)
+    deploy_host_kvm(config, run, progress)
     progress.say(f"run folder: {run.path}")
     return 0
 
@@ -234,38 +197,24 @@ def _bochs_host(args: argparse.Namespace, config: ClusterConfig, progress: Progr
     if config.bochs_host is None:
         raise HarnessError(f"{config.path} has no bochs_host section (kernel, memory_mb, ...)")
     if args.guest:
-        bochs_pipeline.required_qemu_tree(config)  # before minutes of build and boot
+        required_qemu_tree(config)  # before minutes of build and boot
     run = RunFolder.create(config.run_root, f"bochs-{config.name}")
-    kernel = _build_into(config, run, progress) if args.guest else None
-    host = bochs_host.start_bochs_host(config.bochs_host, run, progress)
+    if args.guest:
+        verdict = suite.run_suite(config, run, progress, backend=BochsBackend())
+        for line in suite.atomic_inc_lines(run.file("console-kernel.log")):
+            print(f"guest says: {line}")
+        print("not judged on an emulated host: the rate against this machine's clock")
+        return _report(verdict, run)
+    host = start_bochs_host(config.bochs_host, run, progress)
     try:
         facts = host.facts()
-        _print_facts(host, facts)
-        result = bochs_pipeline.run_guest_suite(
-            config, host, facts, Path(kernel.bzimage.path),
-            pipeline.kernel_hz(Path(kernel.config.path)), progress) if kernel is not None else None
     finally:
         host.stop()
+    print("\n".join(describe(host, facts)))
     run.write_json("bochs-host.json", {"boot_s": host.boot_s, "ssh_s": host.ssh_s,
                                        "facts": asdict(facts)})
-    if result is None:
-        print(f"run folder: {run.path}")
-        return 0
-    print(f"the Bochs machine's run folder: {run.path}")
-    for line in result.atomic_inc_lines:
-        print(f"guest says: {line}")
-    print("not judged on an emulated host: the rate against this machine's clock")
-    return _report(result.verdict, result.run)
-
-
-def _print_facts(host: bochs_host.RunningBochsHost, facts: bochs_host.MachineFacts) -> None:
-    print(f"kernel {facts.kernel_release}: ready after {host.boot_s:.1f}s, SSH after "
-          f"{host.ssh_s:.1f}s more")
-    print(f"CPU flags for kvm-intel: {' '.join(facts.cpu_flags) or 'none'}; /dev/kvm: "
-          f"{'yes' if facts.dev_kvm else 'no'}; kvm.atomic_inc_mode: "
-          f"{facts.atomic_inc_mode or 'absent (not a patched kvm)'}")
-    for line in facts.kvm_log:
-        print(f"    {line}")
+    print(f"run folder: {run.path}")
+    return 0
 
 
 def _plan(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
@@ -276,7 +225,7 @@ def _plan(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -
         print(f"one stock QEMU ({config.vm.qemu_binary}) on {config.hosts[0].name}; "
               "`harness up` prints its line into launch.json")
         return 0
-    launcher = giantvm_pipeline.launcher_for(config, boot, "<run>")
+    launcher = launcher_for(config, boot, "<run>")
     for command in launcher.node_commands():
         print(f"# node {command.node} on {command.host}\n{command.shell()}")
     print("# TCP ports that must be free:")
@@ -287,7 +236,7 @@ def _plan(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -
 
 def _host_build(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
     tree = host_tree.open_host_tree(args.tree.resolve())
-    pipeline.apply_series(tree.load_series(), tree.path, str(tree.path), progress)
+    apply_series(tree.load_series(), tree.path, str(tree.path), progress)
     run = RunFolder.create(config.run_root, f"host-{tree.base.value}")
     result = host_tree.build_kvm(tree, run.file("host-build.log"), progress,
                                  build_dir=args.build_dir.resolve() if args.build_dir else None,

@@ -1,7 +1,12 @@
-"""Exceptions with messages a user can act on.
+"""Exceptions with messages a user can act on, sorted by whose fault they are.
 
-Every failure the harness expects is a HarnessError; the CLI prints its message and exits non-zero
-without a traceback. Anything else is a bug in the harness and keeps its traceback.
+KernelUnderTestError: the kernel being tested failed (a panic, an Oops, a BUG, no ready marker
+after it started). That is a result, not a breakdown: the suite turns it into a FAIL row and the
+CLI exits 1, as for any failed check.
+
+Every other HarnessError is the harness's or its infrastructure's (QEMU missing, a host
+unreachable, a bad config, a build that failed): the CLI prints its message and exits 2, without a
+traceback. Anything else is a bug in the harness and keeps its traceback.
 """
 
 
@@ -27,6 +32,10 @@ class BuildError(HarnessError):
 
 class BootError(HarnessError):
     """The guest did not come up: QEMU exited, the kernel panicked, or a boot step timed out."""
+
+
+class KernelUnderTestError(BootError):
+    """The kernel under test failed; the message quotes its console and names the log."""
 
 
 class ConsoleError(HarnessError):

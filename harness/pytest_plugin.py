@@ -11,18 +11,19 @@ from typing import Callable, Iterator
 
 import pytest
 
-from harness import suite as pipeline
-from harness.stages.build import KernelBuildResult
+from harness import suite
 from harness.config import DEFAULT_CONFIG, ClusterConfig, load_config
-from harness.transport.serial_console import SerialConsole
-from harness.transport.guest_ssh import GuestSSH
 from harness.progress import Progress
 from harness.run_folder import RunFolder
+from harness.stages.build import KernelBuildResult
+from harness.stages.guest_kernel import PreparedTree, kernel_hz, patch_and_build
+from harness.transport.guest_ssh import GuestSSH
+from harness.transport.serial_console import SerialConsole
 
 
 @dataclass(frozen=True)
 class BuiltGuestKernel:
-    prepared: pipeline.PreparedTree
+    prepared: PreparedTree
     build: KernelBuildResult
     hz: int
 
@@ -45,18 +46,18 @@ def progress() -> Progress:
 @pytest.fixture(scope="session")
 def guest_kernel(cluster_config: ClusterConfig, progress: Progress) -> BuiltGuestKernel:
     run = RunFolder.create(cluster_config.run_root, f"{cluster_config.name}-pytest-build")
-    prepared, result = pipeline.patch_and_build(cluster_config, run, progress)
-    return BuiltGuestKernel(prepared, result, pipeline.kernel_hz(Path(result.config.path)))
+    prepared, result = patch_and_build(cluster_config, run, progress)
+    return BuiltGuestKernel(prepared, result, kernel_hz(Path(result.config.path)))
 
 
 @pytest.fixture(scope="session")
 def boot_guest(cluster_config: ClusterConfig, guest_kernel: BuiltGuestKernel,
-               progress: Progress) -> Iterator[Callable[..., pipeline.GuestSession]]:
-    sessions: list[pipeline.GuestSession] = []
+               progress: Progress) -> Iterator[Callable[..., suite.GuestSession]]:
+    sessions: list[suite.GuestSession] = []
 
-    def boot(cmdline: str | None = None) -> pipeline.GuestSession:
+    def boot(cmdline: str | None = None) -> suite.GuestSession:
         run = RunFolder.create(cluster_config.run_root, f"{cluster_config.name}-pytest")
-        session = pipeline.boot_guest(cluster_config, Path(guest_kernel.build.bzimage.path),
+        session = suite.boot_guest(cluster_config, Path(guest_kernel.build.bzimage.path),
                                       guest_kernel.hz, run, progress, cmdline=cmdline)
         sessions.append(session)
         return session
@@ -67,17 +68,15 @@ def boot_guest(cluster_config: ClusterConfig, guest_kernel: BuiltGuestKernel,
 
 
 @pytest.fixture(scope="session")
-def cluster(boot_guest: Callable[..., pipeline.GuestSession]) -> pipeline.GuestSession:
+def cluster(boot_guest: Callable[..., suite.GuestSession]) -> suite.GuestSession:
     return boot_guest()
 
 
 @pytest.fixture
-def guest_console(cluster: pipeline.GuestSession, cluster_config: ClusterConfig) -> SerialConsole:
-    return cluster.open_console(pipeline.boot_timeout(cluster_config, cluster.record.accelerator,
-                                                      cluster_config.timeouts.ssh_s))
+def guest_console(cluster: suite.GuestSession) -> SerialConsole:
+    return cluster.open_console()
 
 
 @pytest.fixture
-def guest_ssh(cluster: pipeline.GuestSession, cluster_config: ClusterConfig) -> GuestSSH:
-    return cluster.open_ssh(pipeline.boot_timeout(cluster_config, cluster.record.accelerator,
-                                                  cluster_config.timeouts.ssh_s))
+def guest_ssh(cluster: suite.GuestSession) -> GuestSSH:
+    return cluster.open_ssh()

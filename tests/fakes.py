@@ -6,8 +6,10 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.transport.artifacts import UploadResult
 from harness.transport.remote_host import (
-    DetachedProcess, HostUnreachable, RemoteHostError, RemoteHostSpec, RemoteResult)
+    DetachedProcess, HostOutcome, HostUnreachable, ParallelResult, RemoteHostError, RemoteHostSpec,
+    RemoteResult)
 
 
 @dataclass
@@ -189,3 +191,24 @@ class FakeHost(Forwarding):
             process.released += process.chunks.pop(0)
         return process.released[offset:offset + max_bytes]
 
+
+def fake_hosts() -> tuple[list, dict[str, FakeHost]]:
+    events: list = []
+    hosts = {"h0": FakeHost("h0", ["10.0.0.1"], events=events),
+             "h1": FakeHost("h1", ["10.0.0.2"], events=events)}
+    return events, hosts
+
+
+def opener(hosts: dict[str, FakeHost]):
+    return lambda host_config: hosts[host_config.name]
+
+
+def fake_uploads(calls: list):
+    def upload_artifacts(hosts, files):
+        calls.append(([host.name for host in hosts], [Path(f).name for f in files]))
+        return ParallelResult("upload", tuple(
+            HostOutcome(host.name, 0.1, value=tuple(
+                UploadResult(host.name, Path(f), f"/srv/gvm/artifacts/{index}/{Path(f).name}",
+                             str(index), 1, True) for index, f in enumerate(files)))
+            for host in hosts))
+    return upload_artifacts

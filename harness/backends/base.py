@@ -1,7 +1,10 @@
-"""Launchers start a guest and hand back where to reach it; the pipeline never builds QEMU lines.
+"""The backend interface: every way of running the guest (one QEMU here, one QEMU on a remote
+host, a GiantVM cluster, a guest on a Bochs-emulated host) starts it from the same StartSpec and
+hands back a RunningGuest, the way syzkaller keeps each VM type behind `vmimpl`. The suite above
+never learns which backend it talks to; backends/registry.py is the one place that names them.
 
-The stock-QEMU launcher runs one QEMU on this machine; the GiantVM launcher (one QEMU per node)
-implements the same interface, the way syzkaller keeps each VM type behind one `vm` interface.
+A backend is found again by a later command (`probe`, `down`, `status`) from session.json, which
+holds its `kind` and the JSON form of its guest's `record()`; `attach` rebuilds the guest from it.
 """
 
 from __future__ import annotations
@@ -9,7 +12,11 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
+
+from harness.config import ClusterConfig
+from harness.progress import Progress
+from harness.run_folder import RunFolder
 
 UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
 
@@ -48,9 +55,35 @@ def unix_socket_path(directory: str | Path, name: str) -> Path:
     return Path("/tmp") / f"gvm-{digest}-{name}"
 
 
+@dataclass(frozen=True)
+class StartSpec:
+    """Everything a backend gets to start a guest: the files to boot and the config's shape."""
+
+    config: ClusterConfig
+    boot: BootSpec
+    run: RunFolder
+    progress: Progress
+
+
+@dataclass(frozen=True)
+class HostLog:
+    """What one host's kernel log showed during the run, for the judge to turn into a check."""
+
+    host: str
+    looked_for: str
+    problems: tuple[str, ...]
+
+
 class RunningGuest(Protocol):
     endpoints: GuestEndpoints
-    accelerator: str
+
+    @property
+    def accelerator(self) -> str:
+        """tcg or kvm."""
+
+    @property
+    def where(self) -> str:
+        """The host the guest (its node 0) runs on, for messages."""
 
     @property
     def pid(self) -> int:
@@ -62,6 +95,12 @@ class RunningGuest(Protocol):
     def qemu_log_tail(self, lines: int = 10) -> str:
         """The end of QEMU's own output, for error messages."""
 
+    def record(self) -> Any:
+        """A dataclass of what `attach` needs to find this guest again (saved as JSON)."""
+
+    def host_logs(self) -> list[HostLog]:
+        """What each host's kernel log showed during the run ([] where hosts are not ours)."""
+
     def stop(self) -> None:
         """Stop every process of this guest; safe to call twice."""
 
@@ -69,9 +108,19 @@ class RunningGuest(Protocol):
         """Close this process's forwards and connections and leave the guest running."""
 
 
-class Launcher(Protocol):
-    def command_lines(self) -> list[list[str]]:
-        """The exact commands `start` will run, for plan output and for starting by hand."""
+class Backend(Protocol):
+    kind: str  # what session.json calls it
 
-    def start(self) -> RunningGuest:
-        ...
+    def wants(self, config: ClusterConfig) -> bool:
+        """Whether this backend runs the guest `config` describes (the registry asks in turn)."""
+
+    def judged_config(self, config: ClusterConfig) -> ClusterConfig:
+        """`config` as the suite should use it with this backend (timeouts, transports, checks)."""
+
+    def start(self, spec: StartSpec) -> RunningGuest:
+        """Start the guest; on failure nothing of it keeps running."""
+
+    def attach(self, config: ClusterConfig, run: RunFolder, record: dict,
+               forwards: bool) -> RunningGuest:
+        """The guest an earlier command started (`record` as `record()` saved it);
+        `forwards=False` is enough to check or stop it."""

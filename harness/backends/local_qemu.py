@@ -7,22 +7,17 @@ session (process group) with a pid file, so `stop`, `down` and Ctrl-C can always
 
 from __future__ import annotations
 
-import socket
-import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from harness.backends.accel import choose_accelerator
+from harness.backends.base import BootSpec, GuestEndpoints, HostLog, StartSpec, unix_socket_path
+from harness.config import ClusterConfig
 from harness.errors import BootError
-from harness.backends.base import BootSpec, GuestEndpoints, unix_socket_path
-from harness.transport.local_process import stop_process_group
+from harness.run_folder import RunFolder
+from harness.transport.local_process import LocalProcess, free_loopback_port
 
-
-
-def free_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -32,6 +27,7 @@ class QemuLauncher:
     boot: BootSpec
     run_dir: Path
     ssh_port: int
+    host_name: str = "localhost"
 
     @property
     def endpoints(self) -> GuestEndpoints:
@@ -60,38 +56,52 @@ class QemuLauncher:
     def start(self) -> "QemuGuest":
         (command,) = self.command_lines()
         self.endpoints.shell_socket.unlink(missing_ok=True)
-        log = (self.run_dir / "qemu.log").open("ab")
         try:
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
+            process = LocalProcess.start(command, self.run_dir / "qemu.log")
         except FileNotFoundError:
             raise BootError(f"{self.qemu_binary} is not installed; run ./gvm setup") from None
-        finally:
-            log.close()
         guest = QemuGuest(endpoints=self.endpoints, accelerator=self.accelerator,
-                          pid=process.pid, qemu_log=self.run_dir / "qemu.log", process=process)
+                          process=process, where=self.host_name)
         guest.wait_for_socket(self.endpoints.shell_socket, timeout_s=30.0)
         return guest
 
 
+@dataclass(frozen=True)
+class LocalQemuRecord:
+    """What session.json keeps of a local QEMU: found again by its pid."""
+
+    pid: int
+    accelerator: str
+    host: str
+    kernel_console_log: str
+    shell_socket: str
+    ssh_port: int
+
+
 @dataclass
 class QemuGuest:
-    """A running QEMU; rebuilt from its pid alone when a later command (`down`) needs it."""
+    """A running QEMU on this machine; rebuilt from its record when a later command needs it."""
 
     endpoints: GuestEndpoints
     accelerator: str
-    pid: int
-    qemu_log: Path
-    process: subprocess.Popen | None = field(default=None, repr=False)
+    process: LocalProcess
+    where: str = "localhost"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     def exit_status(self) -> int | None:
-        if self.process is not None:
-            return self.process.poll()
-        try:
-            state = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, IndexError):
-            return -1
-        return -1 if state in ("Z", "X") else None
+        return self.process.exit_status()
+
+    def record(self) -> LocalQemuRecord:
+        endpoints = self.endpoints
+        return LocalQemuRecord(self.pid, self.accelerator, self.where,
+                               str(endpoints.kernel_console_log), str(endpoints.shell_socket),
+                               endpoints.ssh_port)
+
+    def host_logs(self) -> list[HostLog]:
+        return []  # this machine's kernel is not the kernel under test
 
     def wait_for_socket(self, path: Path, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -103,17 +113,49 @@ class QemuGuest:
             if time.monotonic() > deadline:
                 self.stop()
                 raise BootError(f"QEMU did not create {path} within {timeout_s:.0f}s; "
-                                f"see {self.qemu_log}")
+                                f"see {self.process.log}")
             time.sleep(0.05)
 
     def qemu_log_tail(self, lines: int = 10) -> str:
-        try:
-            return "\n".join(self.qemu_log.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no QEMU log)"
+        return self.process.log_tail(lines)
 
     def detach(self) -> None:
         """Nothing to close: a later command finds QEMU by its pid."""
 
     def stop(self) -> None:
-        stop_process_group(self.pid, lambda: self.exit_status() is not None, self.process)
+        self.process.stop()
+
+
+@dataclass(frozen=True)
+class LocalQemuBackend:
+    """One stock QEMU on this machine, under KVM where a test boot shows it works, else TCG."""
+
+    kind = "local-qemu"
+
+    def wants(self, config: ClusterConfig) -> bool:
+        return config.giantvm is None and config.hosts[0].is_local
+
+    def judged_config(self, config: ClusterConfig) -> ClusterConfig:
+        return config
+
+    def start(self, spec: StartSpec) -> QemuGuest:
+        config, run = spec.config, spec.run
+        accelerator = choose_accelerator(config.vm.accel, config.vm.qemu_binary,
+                                         spec.boot.kernel, run.file("accel-probe.log"),
+                                         config.cache_dir)
+        launcher = QemuLauncher(qemu_binary=config.vm.qemu_binary, accelerator=accelerator,
+                                boot=spec.boot, run_dir=run.path, ssh_port=free_loopback_port(),
+                                host_name=config.hosts[0].name)
+        run.write_json("launch.json", {"accelerator": accelerator, "host": config.hosts[0].name,
+                                       "command_lines": launcher.command_lines()})
+        with spec.progress.step(f"start QEMU on {config.hosts[0].name}"):
+            return launcher.start()
+
+    def attach(self, config: ClusterConfig, run: RunFolder, record: dict,
+               forwards: bool) -> QemuGuest:
+        saved = LocalQemuRecord(**record)
+        endpoints = GuestEndpoints(Path(saved.kernel_console_log), Path(saved.shell_socket),
+                                   "127.0.0.1", saved.ssh_port)
+        return QemuGuest(endpoints, saved.accelerator, LocalProcess(saved.pid,
+                                                                    run.file("qemu.log")),
+                         saved.host)

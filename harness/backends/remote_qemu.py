@@ -6,17 +6,9 @@ addressed artifact store, and the kernel console file, the ttyS1 socket and QEMU
 in a per-run directory under the host's work dir. QEMU runs detached (setsid, pid file), so it
 outlives the SSH connection, and any later invocation can stop it from the pid file alone.
 
-QEMU runs under a small `sh` that records its exit code in the run directory, so `exit_status()`
-can report how QEMU ended (killed, crashed, powered off) even though nobody here is its parent.
-
-Everything the pipeline needs is then made local again, through the one SSH connection:
-
-- the kernel console file is tailed into a local file by a polling thread, so waiting for
-  READY_MARKER and scanning for panics read a local file as with the local launcher;
-- a local unix socket relays each connection to the remote ttyS1 socket (OpenSSH's
-  direct-streamlocal channel), so SerialConsole connects to a path as before;
-- a local TCP port relays to QEMU's SSH forward on the remote host's loopback
-  (hostfwd=tcp:127.0.0.1:<remote port>-:22), so GuestSSH connects to 127.0.0.1:<local port>.
+QEMU's lifecycle is transport/remote_process.py's (an exit-recording `sh`, so a later look can
+tell how it ended); its consoles and SSH are made local by transport/remote_console.py, so the
+suite reads a local console file and connects to a local socket and port as with a local QEMU.
 """
 
 from __future__ import annotations
@@ -24,19 +16,21 @@ from __future__ import annotations
 import random
 import re
 import shlex
-import threading
-import time
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
-from harness.hostkvm.modules import ARTIFACT_DIR, artifact_path, sha256_file, upload_file
-from harness.errors import BootError
-from harness.backends.base import BootSpec, GuestEndpoints, unix_socket_path
+from harness.backends.base import BootSpec, GuestEndpoints, HostLog, StartSpec, unix_socket_path
 from harness.backends.local_qemu import QemuLauncher
-from harness.transport.remote_host import (
-    DetachedProcess, PortForward, RemoteHost, RemoteHostError, TcpTarget, UnixTarget)
+from harness.config import ClusterConfig
+from harness.errors import BootError, HarnessError
+from harness.hosts import connect_host
+from harness.run_folder import RunFolder
+from harness.transport.artifacts import ARTIFACT_DIR, artifact_path, sha256_file, upload_file
+from harness.transport.remote_console import ConsoleTail, RemoteConsole, RemotePlaces
+from harness.transport.remote_host import DetachedProcess, RemoteHost, RemoteHostError
+from harness.transport.remote_process import RemoteProcess, exit_recording_argv
 
 REMOTE_RUNS = "runs"  # under the host's work_dir: one directory per run
 EXIT_FILE = "qemu.exit"
@@ -44,9 +38,6 @@ CONSOLE_FILE = "console-kernel.log"
 SHELL_SOCKET = "console-shell.sock"
 QEMU_LOG = "qemu.log"
 SOCKET_WAIT_S = 30.0
-TAIL_INTERVAL_S = 0.2
-TAIL_CHUNK = 1 << 20
-STATUS_CACHE_S = 0.5  # exit_status() asks the host at most this often
 REMOTE_PORT_RANGE = (20000, 32767)  # below Linux's default ephemeral range
 ACCELERATORS = ("tcg", "kvm")
 PROC_NET_TCP = ("/proc/net/tcp", "/proc/net/tcp6")
@@ -79,21 +70,6 @@ def used_ports(proc_net_tcp: str) -> set[int]:
         if len(fields) > 2 and fields[0].endswith(":") and ":" in fields[1]:
             ports.add(int(fields[1].rsplit(":", 1)[1], 16))
     return ports
-
-
-def exit_recording_argv(argv: Sequence[str], exit_file: str) -> list[str]:
-    """`argv` under an `sh` that writes its exit code to `exit_file`, so a later look can tell a
-    crash (signal) from a clean exit even after the process is gone."""
-    quoted = shlex.quote(exit_file)
-    record = (f'"$0" "$@"; s=$?; echo "$s" > {quoted}.tmp && mv {quoted}.tmp {quoted}; '
-              'exit "$s"')
-    return ["sh", "-c", record, *argv]
-
-
-def exit_code(text: str) -> int:
-    """The wrapper's `$?` in Popen's convention: a death by signal N is -N."""
-    status = int(text.strip())
-    return -(status - 128) if status > 128 else status
 
 
 @dataclass(frozen=True)
@@ -242,78 +218,29 @@ class RemoteQemuLauncher:
         return guest
 
 
-class ConsoleTail:
-    """Copies a growing file to a local one by polling `read(offset)`; a thread, until close."""
-
-    def __init__(self, read: Callable[[int], bytes], local: Path, fresh: bool,
-                 interval_s: float = TAIL_INTERVAL_S):
-        self._read = read
-        self.local = local
-        self.interval_s = interval_s
-        self.last_error: str | None = None
-        local.parent.mkdir(parents=True, exist_ok=True)
-        if fresh or not local.exists():
-            local.write_bytes(b"")
-        self.offset = local.stat().st_size
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name=f"console-tail-{local.name}")
-        self._thread.start()
-
-    def poll(self) -> int:
-        """Copy what is new; the number of bytes copied. Errors are kept, not raised."""
-        with self._lock:
-            copied = 0
-            while True:
-                try:
-                    data = self._read(self.offset)
-                except RemoteHostError as error:
-                    self.last_error = str(error)
-                    return copied
-                if not data:
-                    return copied
-                with self.local.open("ab") as file:
-                    file.write(data)
-                self.offset += len(data)
-                copied += len(data)
-                if len(data) < TAIL_CHUNK:
-                    return copied
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=max(5.0, 2 * self.interval_s))
-
-    @property
-    def running(self) -> bool:
-        return self._thread.is_alive()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.poll()
-
-
 @dataclass
 class RemoteQemuGuest:
     """A QEMU running on a remote host, with local forwards to its consoles and SSH."""
 
     host: RemoteHost
     state: RemoteGuestState
-    endpoints: GuestEndpoints = field(init=False)
-    tail: ConsoleTail | None = field(default=None, init=False, repr=False)
-    shell_forward: PortForward | None = field(default=None, init=False, repr=False)
-    ssh_forward: PortForward | None = field(default=None, init=False, repr=False)
-    stop_outcome: str | None = field(default=None, init=False)
-    _status: int | None = field(default=None, init=False, repr=False)
-    _checked_at: float = field(default=float("-inf"), init=False, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    process: RemoteProcess = field(init=False)
+    console: RemoteConsole = field(init=False)
 
     def __post_init__(self) -> None:
-        self.endpoints = GuestEndpoints(
-            kernel_console_log=Path(self.state.local_console_log),
-            shell_socket=Path(self.state.local_shell_socket), ssh_host="127.0.0.1",
-            ssh_port=self.state.local_ssh_port)
+        state = self.state
+        self.process = RemoteProcess(self.host, state.process_name, state.pid,
+                                     state.remote_qemu_log, state.exit_file)
+        self.console = RemoteConsole(self.host, RemotePlaces(
+            state.remote_console_log, state.remote_shell_socket, state.remote_ssh_port,
+            Path(state.local_console_log), Path(state.local_shell_socket),
+            state.local_ssh_port))
+
+    @property
+    def endpoints(self) -> GuestEndpoints:
+        return GuestEndpoints(kernel_console_log=Path(self.state.local_console_log),
+                              shell_socket=Path(self.state.local_shell_socket),
+                              ssh_host="127.0.0.1", ssh_port=self.console.local_ssh_port)
 
     @property
     def accelerator(self) -> str:
@@ -326,7 +253,15 @@ class RemoteQemuGuest:
 
     @property
     def where(self) -> str:
-        return self.host.spec.where
+        return self.host.name
+
+    @property
+    def tail(self) -> ConsoleTail | None:
+        return self.console.tail
+
+    @property
+    def stop_outcome(self) -> str | None:
+        return self.process.stop_outcome
 
     @classmethod
     def attach(cls, host: RemoteHost, state: RemoteGuestState) -> RemoteQemuGuest:
@@ -335,35 +270,19 @@ class RemoteQemuGuest:
         guest.open_local(fresh=False)
         return guest
 
+    def record(self) -> RemoteGuestState:
+        return self.state
+
+    def host_logs(self) -> list[HostLog]:
+        return []  # the host is the user's; its kernel log is not the kernel under test
+
     def open_local(self, fresh: bool) -> None:
         """Start the console tail and the two forwards; undone by `close_local`."""
-        try:
-            self.tail = ConsoleTail(self._read_console, Path(self.state.local_console_log),
-                                    fresh=fresh)
-            self.tail.poll()
-            self.shell_forward = self.host.forward(UnixTarget(self.state.remote_shell_socket),
-                                                   local_path=Path(self.state.local_shell_socket))
-            self.ssh_forward = self.host.forward(TcpTarget(self.state.remote_ssh_port),
-                                                 self.state.local_ssh_port)
-        except BaseException:
-            self.close_local()
-            raise
-        self.endpoints = GuestEndpoints(
-            kernel_console_log=Path(self.state.local_console_log),
-            shell_socket=Path(self.state.local_shell_socket), ssh_host="127.0.0.1",
-            ssh_port=self.ssh_forward.local_port)
+        self.console.open(fresh)
 
     def close_local(self) -> None:
         """Close the forwards and stop the tail (QEMU keeps running); safe to call twice."""
-        for forward in (self.shell_forward, self.ssh_forward):
-            if forward is not None:
-                forward.close()
-        self.shell_forward = self.ssh_forward = None
-        if self.tail is not None:
-            self.tail.close()
-
-    def _read_console(self, offset: int) -> bytes:
-        return self.host.read_file(self.state.remote_console_log, offset, TAIL_CHUNK)
+        self.console.close()
 
     def wait_for_remote_socket(self, timeout_s: float) -> None:
         """Wait (on the host, in one command) until QEMU opened ttyS1's socket."""
@@ -382,50 +301,21 @@ class RemoteQemuGuest:
         result = self.host.run(script, timeout_s=timeout_s + 15)
         if result.exit_status == 0:
             return
+        where = self.host.spec.where
         if result.exit_status == 5:
-            raise BootError(f"QEMU on {self.where} did not create {self.state.remote_shell_socket} "
+            raise BootError(f"QEMU on {where} did not create {self.state.remote_shell_socket} "
                             f"within {timeout_s:.0f}s; see {self.state.remote_qemu_log} there")
-        raise BootError(f"QEMU on {self.where} exited before it opened "
+        raise BootError(f"QEMU on {where} exited before it opened "
                         f"{self.state.remote_shell_socket} ({result.stdout.strip()}): "
                         f"{self.qemu_log_tail()}")
 
     def exit_status(self) -> int | None:
         """None while QEMU runs; its exit code once it stopped (-N: killed by signal N; -1:
-        gone without a code). Asks the host at most every STATUS_CACHE_S seconds."""
-        with self._lock:
-            if self._status is not None:
-                return self._status
-            now = time.monotonic()
-            if now - self._checked_at < STATUS_CACHE_S:
-                return None
-            self._checked_at = now
-            self._reconnect_if_lost()
-            if self.host.running_pid(self.state.process_name) is not None:
-                return None
-            self._status = self._recorded_exit()
-            return self._status
-
-    def _reconnect_if_lost(self) -> None:
-        """RemoteHost never reuses a dead connection; dropping it makes the next call log in
-        again (and the forwards and the tail use the new one from their next channel on)."""
-        if not self.host.connected:
-            self.host.close()
-
-    def _recorded_exit(self) -> int:
-        result = self.host.run(f"cat {shlex.quote(self.state.exit_file)} 2>/dev/null",
-                               timeout_s=15)
-        try:
-            return exit_code(result.stdout) if result.exit_status == 0 else -1
-        except ValueError:
-            return -1
+        gone without a code)."""
+        return self.process.exit_status()
 
     def qemu_log_tail(self, lines: int = 10) -> str:
-        try:
-            result = self.host.run(["tail", "-n", str(lines), self.state.remote_qemu_log],
-                                   timeout_s=10)
-        except RemoteHostError as error:
-            return f"(QEMU's log {self.state.remote_qemu_log} is out of reach: {error})"
-        return result.stdout.strip() or "(QEMU's log is empty)"
+        return self.process.log_tail(lines)
 
     def detach(self) -> None:
         self.close_local()
@@ -438,29 +328,54 @@ class RemoteQemuGuest:
         RemoteHostError says how to stop QEMU by hand; a later call tries again.
         """
         self.close_local()
-        if self.stop_outcome is not None:
+        if self.process.stop_outcome is not None:
             return
         try:
-            self._reconnect_if_lost()
-            outcome = self.host.stop_detached(self.state.process_name)
+            self.process.stop()
         except RemoteHostError as error:
-            raise RemoteHostError(
-                f"could not stop QEMU on {self.where}: {error}. It may still run there as "
-                f"process group {self.state.pid}: `kill -TERM -{self.state.pid}`") from None
-        self.stop_outcome = outcome
-        with self._lock:
-            if self._status is None:
-                self._status = {"terminated": -15, "killed": -9}.get(outcome)
-                if self._status is None:
-                    self._status = self._recorded_exit()
-        if self.tail is not None:
-            self.tail.poll()  # the last lines QEMU wrote
-        self._copy_qemu_log()
+            raise RemoteHostError(f"could not stop QEMU on {self.host.spec.where}: {error}") \
+                from None
+        self.console.poll()  # the last lines QEMU wrote
+        self.process.copy_log(Path(self.state.local_console_log).parent / QEMU_LOG)
 
-    def _copy_qemu_log(self) -> None:
-        local = Path(self.state.local_console_log).parent / QEMU_LOG
+
+@dataclass(frozen=True)
+class RemoteQemuBackend:
+    """One stock QEMU on the config's first host when that host is not this machine."""
+
+    kind = "remote-qemu"
+
+    def wants(self, config: ClusterConfig) -> bool:
+        return config.giantvm is None and not config.hosts[0].is_local
+
+    def judged_config(self, config: ClusterConfig) -> ClusterConfig:
+        return config
+
+    def start(self, spec: StartSpec) -> RemoteQemuGuest:
+        config, host_config = spec.config, spec.config.hosts[0]
+        # No KVM test boot on remote hosts yet: `auto` means TCG there.
+        accelerator = "tcg" if config.vm.accel == "auto" else config.vm.accel
+        host = connect_host(host_config)
         try:
-            data = self.host.read_file(self.state.remote_qemu_log)
-        except RemoteHostError as error:
-            data = f"(QEMU's log {self.state.remote_qemu_log} is out of reach: {error})\n".encode()
-        local.write_bytes(data)
+            launcher = RemoteQemuLauncher(host=host, qemu_binary=config.vm.qemu_binary,
+                                          boot=spec.boot, local_dir=spec.run.path,
+                                          remote_ssh_port=free_remote_port(host),
+                                          accelerator=accelerator)
+            spec.run.write_json("launch.json", {"accelerator": accelerator,
+                                                "host": host_config.name,
+                                                "command_lines": launcher.command_lines()})
+            with spec.progress.step(f"start QEMU on {host_config.name}"):
+                return launcher.start()
+        except BaseException:
+            host.close()
+            raise
+
+    def attach(self, config: ClusterConfig, run: RunFolder, record: dict,
+               forwards: bool) -> RemoteQemuGuest:
+        state = RemoteGuestState(**record)
+        hosts = {host.name: host for host in config.hosts}
+        if state.host not in hosts:
+            raise HarnessError(f"{run.path} ran its guest on host '{state.host}', which "
+                               f"{config.path} no longer names")
+        host = connect_host(hosts[state.host])
+        return RemoteQemuGuest.attach(host, state) if forwards else RemoteQemuGuest(host, state)

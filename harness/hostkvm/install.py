@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Protocol, Sequence
 
-from harness.hostkvm.modules import ARTIFACT_DIR, artifact_path, sha256_file, upload_file
+from harness.transport.artifacts import ARTIFACT_DIR, artifact_path, sha256_file, upload_file
 from harness.errors import HarnessError
 from harness.transport.remote_host import RemoteHostError, RemoteResult
 

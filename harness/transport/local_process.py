@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -85,3 +87,49 @@ def stop_process_group(pid: int, has_exited: Callable[[], bool],
         os.killpg(pid, signal.SIGKILL)
         if process is not None:
             process.wait()
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class LocalProcess:
+    """A process group on this machine (QEMU, Bochs) that writes to one log: started here, or
+    found again from its pid by a later command (then it is not our child)."""
+
+    pid: int
+    log: Path
+    popen: subprocess.Popen | None = field(default=None, repr=False)
+
+    @classmethod
+    def start(cls, argv: list[str], log: Path, cwd: Path | None = None) -> "LocalProcess":
+        """Start `argv` in a session of its own, output appended to `log`. FileNotFoundError
+        passes through: the caller knows which package to name."""
+        with log.open("ab") as output:
+            popen = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=output,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        return cls(popen.pid, log, popen)
+
+    def exit_status(self) -> int | None:
+        """None while it runs; its code once it stopped (-1 when not our child: unknown)."""
+        if self.popen is not None:
+            return self.popen.poll()
+        try:
+            state = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, IndexError):
+            return -1
+        return -1 if state in ("Z", "X") else None
+
+    def log_tail(self, lines: int = 10) -> str:
+        try:
+            kept = self.log.read_text(errors="replace").splitlines()[-lines:]
+        except FileNotFoundError:
+            return f"(no log at {self.log})"
+        return "\n".join(kept)
+
+    def stop(self) -> None:
+        """TERM the whole session, then KILL what is left; safe to call twice."""
+        stop_process_group(self.pid, lambda: self.exit_status() is not None, self.popen)

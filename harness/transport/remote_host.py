@@ -32,7 +32,6 @@ from typing import Callable, Generic, Iterator, Literal, Sequence, TypeVar
 
 import paramiko
 
-from harness.config import HostConfig
 from harness.errors import HarnessError
 from harness.transport.exec import ChannelTimeout, exec_on_channel
 
@@ -96,19 +95,6 @@ class RemoteHostSpec:
         if not posixpath.isabs(self.work_dir):
             raise RemoteHostError(f"host '{self.name}': work_dir '{self.work_dir}' must be an "
                                   "absolute path")
-
-    @classmethod
-    def from_host_config(cls, host: HostConfig, known_hosts: Path,
-                         trust_on_first_use: bool = False, sudo: bool = False) -> RemoteHostSpec:
-        return cls(name=host.name, address=host.address, user=host.user, port=host.port,
-                   key_file=host.key_file, known_hosts=known_hosts,
-                   trust_on_first_use=trust_on_first_use, sudo=sudo, work_dir=host.work_dir)
-
-    @classmethod
-    def of(cls, host: HostConfig) -> RemoteHostSpec:
-        """The spec a config's host entry describes, with its own key policy and sudo."""
-        return cls.from_host_config(host, host.known_hosts,
-                                    trust_on_first_use=host.trust_on_first_use, sudo=host.sudo)
 
     @property
     def where(self) -> str:

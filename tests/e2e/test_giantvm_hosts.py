@@ -12,10 +12,11 @@ from typing import Iterator
 
 import pytest
 
-from harness.backends.giantvm import backend as giantvm_pipeline
-from harness.config import ClusterConfig, parse_config
-from harness.backends.base import BootSpec
+from harness.backends.base import BootSpec, StartSpec
+from harness.backends.giantvm.backend import GiantVMBackend, launcher_for
 from harness.backends.giantvm.cluster import ClusterError, ClusterPreflightError, GiantVMCluster
+from harness.config import ClusterConfig, parse_config
+from harness.hosts import HostsUnreachable, close_hosts, connect_node_hosts
 from harness.progress import Progress
 from harness.run_folder import RunFolder
 from tests.configs import shipped_config
@@ -53,7 +54,7 @@ def test_a_host_without_the_patched_kvm_is_refused_before_anything_starts(
         config, lab, tmp_path) -> None:
     run = RunFolder.create(config.run_root, config.name)
     with pytest.raises(ClusterError) as refused:
-        giantvm_pipeline.start_cluster(config, boot_spec(config, tmp_path), run, Progress())
+        GiantVMBackend().start(StartSpec(config, boot_spec(config, tmp_path), run, Progress()))
     message = str(refused.value)
     for host in lab.hosts:
         assert f"host '{host.name}' runs a kvm without ATOMIC_INC" in message
@@ -66,14 +67,14 @@ def test_a_host_without_the_patched_kvm_is_refused_before_anything_starts(
 
 def test_preflight_on_real_hosts_names_each_missing_piece(config, lab, tmp_path) -> None:
     boot = boot_spec(config, tmp_path)
-    hosts = giantvm_pipeline.connect_hosts(config)
+    hosts = connect_node_hosts(config)
     try:
-        cluster = GiantVMCluster(giantvm_pipeline.launcher_for(config, boot, "e2e"), hosts,
+        cluster = GiantVMCluster(launcher_for(config, boot, "e2e"), hosts,
                                  local_dir=tmp_path / "local", run_id="e2e")
         with pytest.raises(ClusterPreflightError) as refused:
             cluster.preflight()
     finally:
-        giantvm_pipeline.close_hosts(hosts.values())
+        close_hosts(hosts.values())
     message = str(refused.value)
     for host in lab.hosts:
         assert (f"host '{host.name}': the GiantVM QEMU {config.vm.qemu_binary} is missing"
@@ -87,6 +88,6 @@ def test_an_unreachable_node_host_fails_the_connect_and_closes_the_others(config
                                                                           tmp_path) -> None:
     unreachable = replace(config.hosts[1], address=lab.unused_address)
     broken = replace(config, hosts=(config.hosts[0], unreachable))
-    with pytest.raises(ClusterError, match=rf"connect: 1 of 2 hosts ok(.|\n)*"
+    with pytest.raises(HostsUnreachable, match=rf"connect: 1 of 2 hosts ok(.|\n)*"
                                            rf"{lab.hosts[1].name} .*FAILED"):
-        giantvm_pipeline.connect_hosts(broken)
+        connect_node_hosts(broken)

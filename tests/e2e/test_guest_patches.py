@@ -2,11 +2,10 @@
 ATOMIC_INC asked for and not asked for. Off KVM (or on a KVM host without the host series) the
 patched kernel must keep time exactly like an unpatched one."""
 
-from pathlib import Path
 
 import pytest
 
-from harness import suite as pipeline
+from harness import suite
 from harness.stages.judge import check_samples
 from harness.stages.patches import SeriesState
 from harness.stages.probe import KERNEL_PROBE, JiffiesProbe, parse_probe_output
@@ -14,8 +13,8 @@ from harness.stages.probe import KERNEL_PROBE, JiffiesProbe, parse_probe_output
 pytestmark = pytest.mark.e2e
 
 
-def atomic_inc_lines(session: pipeline.GuestSession) -> list[str]:
-    return pipeline.atomic_inc_lines(Path(session.record.kernel_console_log))
+def atomic_inc_lines(session: suite.GuestSession) -> list[str]:
+    return suite.atomic_inc_lines(session.kernel_console_log)
 
 
 def test_series_for_the_tree_is_applied(guest_kernel) -> None:
@@ -25,10 +24,10 @@ def test_series_for_the_tree_is_applied(guest_kernel) -> None:
     assert (prepared.tree / "kernel/time/timekeeping.c").read_text().count("KVM_HC_ATOMIC_INC")
 
 
-def expected_reason(session: pipeline.GuestSession, asked: bool) -> str:
+def expected_reason(session: suite.GuestSession, asked: bool) -> str:
     if not asked:
         return "ATOMIC_INC: disabled: atomic_inc_jiffies=off"
-    if session.record.accelerator == "tcg":
+    if session.guest.accelerator == "tcg":
         return "ATOMIC_INC: disabled: not running on KVM"
     return "ATOMIC_INC: "
 
@@ -45,8 +44,7 @@ def test_boot_line_probe_and_tick_rate(asked, boot_guest, cluster, cluster_confi
     assert len(lines) == 1, lines
     assert expected_reason(session, asked) in lines[0]
 
-    ssh = session.open_ssh(pipeline.boot_timeout(cluster_config, session.record.accelerator,
-                                                 cluster_config.timeouts.ssh_s))
+    ssh = session.open_ssh()
     rows = parse_probe_output(ssh.run(f"cat {KERNEL_PROBE}").check("probe"),
                               cluster_config.vm.vcpus)
     assert len(rows) == cluster_config.vm.vcpus

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import suite as pipeline
+from harness import suite
 from harness.stages.judge import check_samples
 from harness.stages.probe import JiffiesProbe
 from harness.transport.remote_host import RemoteHost, RemoteHostError, RemoteHostSpec, UnixTarget
@@ -45,8 +45,8 @@ def test_jiffies_coherent_over(transport, cluster, cluster_config, guest_ssh,
 
 
 def test_full_probe_writes_the_run_artifacts(cluster, cluster_config, progress) -> None:
-    samples = pipeline.probe_guest(cluster, cluster_config, progress)
-    verdict = pipeline.judge(samples, cluster.record.hz, cluster_config, cluster.run)
+    samples = suite.probe_guest(cluster, progress)
+    verdict = suite.judge(samples, cluster.record.hz, cluster_config, cluster.run)
     assert verdict.passed, [c for c in verdict.checks if not c.passed]
     for name in ("samples.json", "verdict.json", "junit.xml", "skew.png", "launch.json",
                  "console-kernel.log", "console-shell.log"):
@@ -57,12 +57,12 @@ def test_full_probe_writes_the_run_artifacts(cluster, cluster_config, progress) 
 def test_the_guest_as_a_host_reads_files_and_says_why_it_forwards_no_unix_socket(
         cluster, tmp_path) -> None:
     """The guest's dropbear, as on a Bochs host: SFTP works, unix-socket forwarding does not."""
-    record = cluster.record
+    access, port = cluster.record.access, cluster.guest.endpoints.ssh_port
     known_hosts = tmp_path / "known_hosts"
-    known_hosts.write_text(f"[127.0.0.1]:{record.ssh_port} {record.host_key_type} "
-                           f"{record.host_key_base64}\n")
-    spec = RemoteHostSpec("guest", "127.0.0.1", port=record.ssh_port,
-                          key_file=Path(record.client_key), known_hosts=known_hosts)
+    known_hosts.write_text(f"[127.0.0.1]:{port} {access.host_key_type} "
+                           f"{access.host_key_base64}\n")
+    spec = RemoteHostSpec("guest", "127.0.0.1", port=port,
+                          key_file=Path(access.client_key), known_hosts=known_hosts)
     with RemoteHost(spec) as guest:
         assert guest.read_file("/proc/sys/kernel/ostype") == b"Linux\n"
         with pytest.raises(RemoteHostError, match=r"cannot forward to unix:/tmp/no.sock .*dropbear"):

@@ -17,8 +17,8 @@ from typing import Iterator
 
 import pytest
 
-from harness.hostkvm.modules import (
-    QEMU_BUILD_FIRMWARE, DeployError, artifact_path, sha256_file, upload_artifacts, upload_file,
+from harness.transport.artifacts import (
+    QEMU_BUILD_FIRMWARE, UploadError, artifact_path, sha256_file, upload_artifacts, upload_file,
     upload_qemu_build)
 from harness.backends.base import BootSpec
 from harness.backends.giantvm.lines import (
@@ -191,7 +191,7 @@ def test_a_qemu_build_keeps_its_layout_and_runs_on_the_host(remotes, tmp_path) -
     binary = upload_qemu_build(remotes[0], tree)
     assert remotes[0].run(binary, check=True).stdout == "firmware bios-256k.bin"
     (tree / "pc-bios/efi-e1000.rom").unlink()
-    with pytest.raises(DeployError, match=r"not a built QEMU tree: pc-bios/efi-e1000.rom missing"):
+    with pytest.raises(UploadError, match=r"not a built QEMU tree: pc-bios/efi-e1000.rom missing"):
         upload_qemu_build(remotes[0], tree)
 
 
@@ -212,7 +212,7 @@ def test_sshd_killed_during_an_upload_leaves_the_old_file(lab, tmp_path) -> None
 
         started = time.monotonic()
         try:
-            with pytest.raises(DeployError, match=rf"to host 'h3':{target} failed: the SSH "
+            with pytest.raises(UploadError, match=rf"to host 'h3':{target} failed: the SSH "
                                                   rf"connection was lost .*; {target} on host "
                                                   r"'h3' is as it was before"):
                 upload_file(remote, new, target, progress=kill_sshd_after_a_megabyte,

@@ -22,12 +22,13 @@ from harness.stages import rootfs
 from harness.stages.judge import check_samples
 from harness.transport.serial_console import SerialConsole
 from harness.hostkvm.modules import DeployError
+from harness.transport.artifacts import UploadError
 from harness.errors import BootError, ConsoleError, GuestSSHError, HarnessError
 from harness.transport.guest_ssh import GuestSSH, SSHTarget
 from harness.backends.base import BootSpec
-from harness.backends.remote_qemu import (
-    STATUS_CACHE_S, RemoteQemuGuest, RemoteQemuLauncher, free_remote_port)
+from harness.backends.remote_qemu import RemoteQemuGuest, RemoteQemuLauncher, free_remote_port
 from harness.stages.probe import JiffiesProbe
+from harness.transport.remote_process import STATUS_CACHE_S
 from harness.transport.remote_host import (
     HostKeyError, HostUnreachable, RemoteHost, RemoteHostError, RemoteHostSpec)
 from tests.e2e.netns_hosts import NetnsHost, NetnsLab, lab_or_skip
@@ -377,7 +378,7 @@ def test_a_wrong_pinned_host_key_is_refused_before_anything_is_uploaded(lab, boo
 def test_errors_are_harness_errors() -> None:
     """The CLI prints HarnessErrors without a traceback; every failure above must be one."""
     for error in (BootError, ConsoleError, GuestSSHError, HostKeyError, HostUnreachable,
-                  DeployError):
+                  DeployError, UploadError):
         assert issubclass(error, HarnessError)
 
 

@@ -1,6 +1,6 @@
-"""The pipeline with the GiantVM launcher, against fake hosts: `boot_guest` starts the cluster and
-records it, a later command finds it again from session.json, `close` stops every node, and the
-hosts' kernel logs become verdict checks."""
+"""The suite with the GiantVM backend, against fake hosts: `boot_guest` starts the cluster and
+records it, a later command finds it again from session.json, `close` stops every node, the
+hosts' kernel logs become verdict checks, and a dead kernel under test is a FAIL, not an error."""
 
 from __future__ import annotations
 
@@ -8,17 +8,20 @@ import json
 
 import pytest
 
-from harness import suite as pipeline
-from harness.backends.giantvm import backend as giantvm_pipeline
-from harness.stages import rootfs
-from harness.stages.judge import CheckResult
-from harness.config import load_config
-from harness.backends.base import BootSpec
+from harness import suite
+from harness.backends import registry
+from harness.backends.base import BootSpec, HostLog
+from harness.backends.giantvm import backend as giantvm_backend
+from harness.backends.giantvm.backend import GiantVMBackend, launcher_for
 from harness.backends.giantvm.cluster import GiantVMGuest
+from harness.config import load_config
 from harness.progress import Progress
 from harness.run_folder import RunFolder
+from harness.stages import rootfs
+from harness.stages.judge import CheckResult
+from tests.configs import giantvm_config as config_with
+from tests.fakes import fake_hosts, fake_uploads, opener
 from tests.unit.backends.giantvm.test_cluster import good_log
-from tests.unit.backends.giantvm.test_backend import config_with, fake_hosts, fake_uploads
 
 
 @pytest.fixture
@@ -26,11 +29,13 @@ def cluster_run(tmp_path, monkeypatch):
     config = config_with(tmp_path)
     events, hosts = fake_hosts()
     run = RunFolder.create(config.run_root, config.name)
-    monkeypatch.setattr(giantvm_pipeline, "open_host", lambda host: hosts[host.name])
-    monkeypatch.setattr(giantvm_pipeline, "upload_artifacts", fake_uploads([]))
+    backends = tuple(GiantVMBackend(opener=opener(hosts)) if backend.kind == "giantvm" else backend
+                     for backend in registry.BACKENDS)
+    monkeypatch.setattr(registry, "BACKENDS", backends)
+    monkeypatch.setattr(giantvm_backend, "upload_artifacts", fake_uploads([]))
     boot = BootSpec(tmp_path / "bzImage", tmp_path / "initramfs.cpio", config.guest.cmdline,
                     config.vm.vcpus, config.vm.memory_mb)
-    launcher = giantvm_pipeline.launcher_for(config, boot, run.path.name)
+    launcher = launcher_for(config, boot, run.path.name)
     for index, name in enumerate(("h0", "h1")):
         hosts[name].script[f"gvm-{run.path.name}-node{index}"] = (good_log(launcher, index), None)
     hosts["h0"].console = f"Linux version 6.1\n{rootfs.READY_MARKER}\n".encode()
@@ -40,17 +45,19 @@ def cluster_run(tmp_path, monkeypatch):
 
 def test_boot_records_the_cluster_and_a_later_command_stops_every_node(cluster_run) -> None:
     config, events, hosts, run = cluster_run
-    session = pipeline.boot_guest(config, config.path.parent / "bzImage", 250, run, Progress())
+    session = suite.boot_guest(config, config.path.parent / "bzImage", 250, run, Progress())
     assert isinstance(session.guest, GiantVMGuest)
-    assert session.record.accelerator == "kvm" and session.record.host == "h0"
+    assert session.guest.accelerator == "kvm" and session.guest.where == "h0"
+    assert session.record.kind == "giantvm"
     session.detach()
     assert all(process.alive for host in hosts.values() for process in host.processes.values())
 
-    saved = json.loads(run.file(pipeline.SESSION_FILE).read_text())
-    assert [p["host"] for p in saved["cluster"]["processes"]] == ["h0", "h1"]
-    assert saved["cluster"]["kernel"] == "/srv/gvm/artifacts/0/bzImage"
+    saved = json.loads(run.file(suite.SESSION_FILE).read_text())
+    assert saved["kind"] == "giantvm"
+    assert [p["host"] for p in saved["state"]["processes"]] == ["h0", "h1"]
+    assert saved["state"]["kernel"] == "/srv/gvm/artifacts/0/bzImage"
 
-    later = pipeline.attach_session(config, run, forwards=False)
+    later = suite.attach_session(config, run, forwards=False)
     assert isinstance(later.guest, GiantVMGuest) and later.guest.exit_status() is None
     later.close()
     assert sorted(event[0] for event in events if event[1] == "stop_detached") == ["h0", "h1"]
@@ -60,19 +67,19 @@ def test_boot_records_the_cluster_and_a_later_command_stops_every_node(cluster_r
 
 def test_a_cluster_session_needs_a_giantvm_config(cluster_run, tmp_path) -> None:
     config, _, _, run = cluster_run
-    session = pipeline.boot_guest(config, config.path.parent / "bzImage", 250, run, Progress())
+    session = suite.boot_guest(config, config.path.parent / "bzImage", 250, run, Progress())
     session.close()
     with pytest.raises(Exception, match="started a GiantVM cluster, but .*local.yaml does not "
                                         "describe one"):
-        pipeline.attach_session(load_config(), run)
+        suite.attach_session(load_config(), run)
 
 
 def test_host_log_checks_join_the_verdict(cluster_run) -> None:
     config, _, hosts, run = cluster_run
-    session = pipeline.boot_guest(config, config.path.parent / "bzImage", 250, run, Progress())
+    session = suite.boot_guest(config, config.path.parent / "bzImage", 250, run, Progress())
     hosts["h1"].dmesg += "[  101.0] kvm-dsm: DEADLOCK while fetching gfn 0x1234\n"
     try:
-        checks = pipeline.host_log_checks(session)
+        checks = suite.host_log_checks(session.guest.host_logs())
     finally:
         session.close()
     assert [(check.name, check.passed) for check in checks] == [
@@ -82,6 +89,27 @@ def test_host_log_checks_join_the_verdict(cluster_run) -> None:
     assert json.loads(run.file("host-dmesg.json").read_text())[1]["host"] == "h1"
 
     passing = CheckResult("x", "ssh", True, 0.0, "", "")
-    verdict = pipeline.judge([], 250, config, run, [passing])
+    verdict = suite.judge([], 250, config, run, [passing])
     assert not verdict.passed  # no samples is never a pass, whatever the hosts say
     assert [check.name for check in verdict.checks] == ["jiffies samples", "x"]
+
+
+def test_host_logs_pass_only_when_nothing_was_found() -> None:
+    checks = suite.host_log_checks([
+        HostLog("h0", "no BUG", ()),
+        HostLog("h1", "no BUG", ("DEADLOCK: kvm-dsm: DEADLOCK gfn 0x1", "missing: node-1 line"))])
+    assert [(check.name, check.passed, check.measured) for check in checks] == [
+        ("host kernel log of h0", True, 0.0), ("host kernel log of h1", False, 2.0)]
+    assert checks[1].detail == "DEADLOCK: kvm-dsm: DEADLOCK gfn 0x1; missing: node-1 line"
+    assert checks[1].limit == "no BUG"
+
+
+def test_a_kernel_that_panics_at_boot_is_a_fail_with_reports(cluster_run) -> None:
+    config, _, hosts, run = cluster_run
+    hosts["h0"].console = b"Linux version 6.1\nKernel panic - not syncing: VFS: no root\n"
+    verdict = suite.boot_and_judge(config, config.path.parent / "bzImage", 250, run, Progress())
+    assert not verdict.passed
+    assert [(check.name, check.transport) for check in verdict.checks] == [
+        ("guest kernel", "console")]
+    assert "Kernel panic - not syncing" in verdict.checks[0].detail
+    assert run.file("junit.xml").is_file() and "FAIL" in run.file("verdict.txt").read_text()

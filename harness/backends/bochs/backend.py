@@ -1,8 +1,8 @@
 """The harness's guest under KVM on a Bochs-emulated host: the jiffies suite with a real (if
 emulated) VMX host and the patched host kvm, on a machine without VT-x.
 
-The Bochs machine becomes the config's one remote host and the ordinary remote-QEMU path does the
-rest: upload, detached QEMU, console tail, SSH forward, probe, verdict. What differs is said here:
+The backend boots the Bochs machine, then the Bochs machine becomes the config's one remote host
+and the remote-QEMU backend does the rest: upload, detached QEMU, console tail, SSH forward, probe, verdict. What differs is said here:
 the QEMU is a static build uploaded from `bochs_host.qemu_tree` (the machine has only the
 harness's initramfs), KVM is asked for, SSH is the only probe transport (dropbear forwards no
 unix socket, so ttyS1 cannot be reached), and the rate is judged against the guest clock only.
@@ -10,29 +10,21 @@ unix socket, so ttyS1 cannot be reached), and the rate is judged against the gue
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from harness import suite as pipeline
-from harness.backends.bochs.host import MachineFacts, RunningBochsHost
-from harness.stages.judge import Verdict
+from harness.backends.base import GuestEndpoints, HostLog, StartSpec
+from harness.backends.bochs.host import MachineFacts, RunningBochsHost, start_bochs_host
+from harness.backends.remote_qemu import RemoteGuestState, RemoteQemuBackend, RemoteQemuGuest
 from harness.config import ClusterConfig, HostConfig
-from harness.hostkvm.modules import upload_qemu_build
 from harness.errors import HarnessError
-from harness.progress import Progress
 from harness.run_folder import RunFolder
+from harness.transport.artifacts import upload_qemu_build
 
 # Measured on a 2-core machine: the nested guest is ready 2m37s after QEMU starts.
 NESTED_BOOT_S = 900.0
 NESTED_SSH_S = 300.0
 NESTED_COMMAND_S = 120.0
-
-
-@dataclass(frozen=True)
-class NestedGuestResult:
-    verdict: Verdict
-    atomic_inc_lines: list[str]
-    run: RunFolder
 
 
 def required_qemu_tree(config: ClusterConfig) -> Path:
@@ -44,40 +36,120 @@ def required_qemu_tree(config: ClusterConfig) -> Path:
 
 
 def guest_config(config: ClusterConfig, host: RunningBochsHost, qemu_binary: str) -> ClusterConfig:
-    """`config` with the Bochs machine as its one host, KVM, and SSH as the only transport."""
+    """`config` (as judged_config made it) with the Bochs machine as its one host and KVM."""
     spec = host.remote.spec
     bochs = HostConfig(name=spec.name, address=spec.address, user=spec.user, port=spec.port,
                        key_file=spec.key_file, work_dir=spec.work_dir,
                        known_hosts=spec.known_hosts)
-    timeouts = replace(config.timeouts, boot_s=max(config.timeouts.boot_s, NESTED_BOOT_S),
-                       ssh_s=max(config.timeouts.ssh_s, NESTED_SSH_S),
-                       command_s=max(config.timeouts.command_s, NESTED_COMMAND_S))
-    # The nested guest's kvm-clock follows Bochs' emulated TSC, which `clock: sync=slowdown` does
-    # not hold to the wall clock: 250 ticks per guest second were ~390 per host second.
-    checks = replace(config.checks, rate_vs_host_clock=False)
     return replace(config, hosts=(bochs,), giantvm=None,
-                   vm=replace(config.vm, launcher="qemu", accel="kvm", qemu_binary=qemu_binary),
-                   probe=replace(config.probe, transports=("ssh",)), checks=checks,
-                   timeouts=timeouts)
+                   vm=replace(config.vm, launcher="qemu", accel="kvm", qemu_binary=qemu_binary))
 
 
-def run_guest_suite(config: ClusterConfig, host: RunningBochsHost, facts: MachineFacts,
-                    kernel: Path, hz: int, progress: Progress) -> NestedGuestResult:
-    """Boot the guest under KVM on the machine (`facts`: what it said of itself), probe it over
-    SSH, judge it, stop it."""
-    qemu_tree = required_qemu_tree(config)
-    if not facts.dev_kvm:
-        raise HarnessError("the Bochs machine's kernel has no /dev/kvm; boot a Linux-DSM kernel "
-                           "built with host_patches/bochs-host.config")
-    with progress.step(f"upload the QEMU build in {qemu_tree} to the Bochs machine"):
-        qemu_binary = upload_qemu_build(host.remote, qemu_tree)
-    nested = guest_config(config, host, qemu_binary)
-    run = RunFolder.create(config.run_root, f"{config.name}-bochs-guest")
-    session = pipeline.boot_guest(nested, kernel, hz, run, progress)
-    try:
-        samples = pipeline.probe_guest(session, nested, progress)
-        verdict = pipeline.judge(samples, hz, nested, run)
-    finally:
-        session.close()
-    return NestedGuestResult(verdict, pipeline.atomic_inc_lines(run.file("console-kernel.log")),
-                             run)
+def describe(host: RunningBochsHost, facts: MachineFacts) -> list[str]:
+    """What the machine offers KVM, as lines for the user."""
+    return [f"kernel {facts.kernel_release}: ready after {host.boot_s:.1f}s, SSH after "
+            f"{host.ssh_s:.1f}s more",
+            f"CPU flags for kvm-intel: {' '.join(facts.cpu_flags) or 'none'}; /dev/kvm: "
+            f"{'yes' if facts.dev_kvm else 'no'}; kvm.atomic_inc_mode: "
+            f"{facts.atomic_inc_mode or 'absent (not a patched kvm)'}",
+            *(f"    {line}" for line in facts.kvm_log)]
+
+
+@dataclass
+class BochsGuest:
+    """The guest under KVM on a Bochs machine: the remote QEMU's guest, and the machine under it,
+    which ends with it."""
+
+    machine: RunningBochsHost
+    facts: MachineFacts
+    guest: RemoteQemuGuest
+
+    @property
+    def endpoints(self) -> GuestEndpoints:
+        return self.guest.endpoints
+
+    @property
+    def accelerator(self) -> str:
+        return self.guest.accelerator
+
+    @property
+    def where(self) -> str:
+        return self.guest.where
+
+    @property
+    def pid(self) -> int:
+        return self.machine.process.pid
+
+    def exit_status(self) -> int | None:
+        return self.guest.exit_status()
+
+    def qemu_log_tail(self, lines: int = 10) -> str:
+        return self.guest.qemu_log_tail(lines)
+
+    def record(self) -> RemoteGuestState:
+        return self.guest.record()
+
+    def host_logs(self) -> list[HostLog]:
+        return []
+
+    def stop(self) -> None:
+        try:
+            self.guest.stop()
+        finally:
+            self.machine.stop()
+
+    def detach(self) -> None:
+        """A Bochs machine is this command's child: it cannot be left running."""
+        self.stop()
+
+
+@dataclass(frozen=True)
+class BochsBackend:
+    """Named by `bochs-host --guest` only: no YAML asks for it by itself."""
+
+    kind = "bochs"
+
+    def wants(self, config: ClusterConfig) -> bool:
+        return False
+
+    def judged_config(self, config: ClusterConfig) -> ClusterConfig:
+        """Longer timeouts, SSH only, and the rate against the guest clock only: the nested
+        guest's kvm-clock follows Bochs' emulated TSC, which `clock: sync=slowdown` does not
+        hold to the wall clock (250 ticks per guest second were ~390 per host second)."""
+        timeouts = replace(config.timeouts, boot_s=max(config.timeouts.boot_s, NESTED_BOOT_S),
+                           ssh_s=max(config.timeouts.ssh_s, NESTED_SSH_S),
+                           command_s=max(config.timeouts.command_s, NESTED_COMMAND_S))
+        return replace(config, probe=replace(config.probe, transports=("ssh",)),
+                       checks=replace(config.checks, rate_vs_host_clock=False),
+                       timeouts=timeouts)
+
+    def start(self, spec: StartSpec) -> BochsGuest:
+        config, progress = spec.config, spec.progress
+        qemu_tree = required_qemu_tree(config)
+        assert config.bochs_host is not None
+        machine_run = RunFolder(spec.run.path / "bochs-host")
+        machine_run.path.mkdir(exist_ok=True)
+        machine = start_bochs_host(config.bochs_host, machine_run, progress)
+        try:
+            facts = machine.facts()
+            machine_run.write_json("bochs-host.json", {"boot_s": machine.boot_s,
+                                                       "ssh_s": machine.ssh_s,
+                                                       "facts": asdict(facts)})
+            for line in describe(machine, facts):
+                progress.say(f"    {line}")
+            if not facts.dev_kvm:
+                raise HarnessError("the Bochs machine's kernel has no /dev/kvm; boot a Linux-DSM "
+                                   "kernel built with host_patches/bochs-host.config")
+            with progress.step(f"upload the QEMU build in {qemu_tree} to the Bochs machine"):
+                qemu_binary = upload_qemu_build(machine.remote, qemu_tree)
+            nested = guest_config(config, machine, qemu_binary)
+            guest = RemoteQemuBackend().start(replace(spec, config=nested))
+        except BaseException:
+            machine.stop()
+            raise
+        return BochsGuest(machine, facts, guest)
+
+    def attach(self, config: ClusterConfig, run: RunFolder, record: dict,
+               forwards: bool) -> BochsGuest:
+        raise HarnessError(f"{run.path} ran its guest on a Bochs machine, which ended with the "
+                           "command that started it; there is nothing to reattach to")

@@ -18,7 +18,7 @@ from harness.config import BochsHostConfig
 from harness.errors import HarnessError
 from harness.transport.guest_ssh import LoginNotYet, SSHNotReady, log_in_when_ready
 from harness.backends.bochs.machine import BochsLauncher, BochsMachine, BochsProcess
-from harness.backends.local_qemu import free_loopback_port
+from harness.transport.local_process import free_loopback_port
 from harness.progress import Progress
 from harness.transport.remote_host import HostKeyError, RemoteHost, RemoteHostError, RemoteHostSpec
 from harness.run_folder import RunFolder

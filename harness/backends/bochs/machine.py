@@ -12,15 +12,14 @@ with a pid file; `stop` ends the whole group.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.errors import BootError
-from harness.transport.local_process import run_captured, stop_process_group
+from harness.transport.console_log import MarkerTimeout, read_log, wait_for_marker
+from harness.transport.local_process import LocalProcess, run_captured
 
 CPU_MODEL = "corei7_haswell_4770"  # Haswell: VMX with EPT, VPID, unrestricted guest
 BIOS = Path("/usr/share/bochs/BIOS-bochs-latest")
@@ -30,7 +29,6 @@ LDLINUX_C32 = Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")
 SERIAL_LOG = "bochs-serial.log"
 SLIRP_CONFIG = "bochs-slirp.conf"
 BOCHS_LOG = "bochs.log"
-POLL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -140,65 +138,52 @@ class BochsLauncher:
         for stale in (self.serial_log, self.run_dir / BOCHS_LOG):
             stale.unlink(missing_ok=True)
         (command,) = self.command_lines()
-        with (self.run_dir / "bochs.stdout").open("ab") as output:
-            try:
-                process = subprocess.Popen(command, cwd=self.run_dir, stdin=subprocess.DEVNULL,
-                                           stdout=output, stderr=subprocess.STDOUT,
-                                           start_new_session=True)
-            except FileNotFoundError:
-                raise BootError(f"{self.bochs_binary} is not installed; run ./gvm setup "
-                                "(packages bochs, bochsbios, vgabios)") from None
+        try:
+            process = LocalProcess.start(command, self.run_dir / "bochs.stdout", cwd=self.run_dir)
+        except FileNotFoundError:
+            raise BootError(f"{self.bochs_binary} is not installed; run ./gvm setup "
+                            "(packages bochs, bochsbios, vgabios)") from None
         (self.run_dir / "bochs.pid").write_text(f"{process.pid}\n")
-        return BochsProcess(self.serial_log, self.run_dir / BOCHS_LOG, process.pid, process)
+        return BochsProcess(self.serial_log, LocalProcess(process.pid, self.run_dir / BOCHS_LOG,
+                                                          process.popen))
 
 
 @dataclass
 class BochsProcess:
-    """A running Bochs; `wait_for` follows its COM1 log."""
+    """A running Bochs (its log is bochs.log); `wait_for` follows its COM1 log."""
 
     serial_log: Path
-    bochs_log: Path
-    pid: int
-    process: subprocess.Popen | None = field(default=None, repr=False)
+    process: LocalProcess
     started: float = field(default_factory=time.monotonic)
 
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
     def exit_status(self) -> int | None:
-        if self.process is not None:
-            return self.process.poll()
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return -1
-        return None
+        return self.process.exit_status()
 
     def serial_text(self) -> str:
-        try:
-            return self.serial_log.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.serial_log)
 
     def wait_for(self, marker: str, timeout_s: float) -> float:
         """Seconds from the start until `marker` is on COM1; fail fast if Bochs exits."""
-        deadline = time.monotonic() + timeout_s
-        while marker not in self.serial_text():
+        def check() -> None:
             status = self.exit_status()
             if status is not None:
                 raise BootError(f"Bochs exited with {status} before '{marker}': "
                                 f"{self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise BootError(f"no '{marker}' on Bochs' COM1 ({self.serial_log}) within "
-                                f"{timeout_s:.0f}s; last lines: "
-                                f"{self.serial_text().splitlines()[-5:]}")
-            time.sleep(POLL_S)
+
+        try:
+            wait_for_marker(self.serial_log, marker, timeout_s, check)
+        except MarkerTimeout as timeout:
+            raise BootError(f"no '{marker}' on Bochs' COM1 ({self.serial_log}) within "
+                            f"{timeout_s:.0f}s; last lines: {timeout.tail}") from None
         return time.monotonic() - self.started
 
     def log_tail(self, lines: int = 10) -> str:
-        try:
-            kept = self.bochs_log.read_text(errors="replace").splitlines()[-lines:]
-        except FileNotFoundError:
-            return "(no Bochs log)"
-        return "\n".join(kept)
+        return self.process.log_tail(lines)
 
     def stop(self) -> None:
         """TERM the whole session, then KILL what is left; safe to call twice."""
-        stop_process_group(self.pid, lambda: self.exit_status() is not None, self.process)
+        self.process.stop()

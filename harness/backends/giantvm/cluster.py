@@ -16,9 +16,11 @@ RemoteHost per host name the launcher's nodes use. Its lifecycle follows GiantVM
 4. each node's QEMU log is tailed until it shows the topology line, its listen line and
    `connect_io_router done`, all before one deadline; a node that dies on the way fails the start
    at once with its log tail, and every node is stopped;
-5. node 0's kernel console, ttyS1 socket and SSH forward are made local with remote_qemu's
-   ConsoleTail and forwards (RemoteQemuGuest.open_local), so SerialConsole and GuestSSH work as
-   with one QEMU.
+5. node 0's kernel console, ttyS1 socket and SSH forward are made local (transport/
+   remote_console), so SerialConsole and GuestSSH work as with one QEMU.
+
+Each node's process is a transport/remote_process RemoteProcess: the same status cache, exit
+record, stop and log copy as the remote stock QEMU.
 
 The kernel and initramfs named in the launcher's BootSpec are paths on the hosts: upload them
 first (deploy.upload_artifacts puts them at the same content-addressed path on every host).
@@ -26,29 +28,28 @@ first (deploy.upload_artifacts puts them at the same content-addressed path on e
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Protocol, Sequence
 
-from harness.errors import BootError, HarnessError
-from harness.backends.base import GuestEndpoints, unix_socket_path
+from harness.backends.base import GuestEndpoints, HostLog, unix_socket_path
 from harness.backends.giantvm.lines import (
     DMESG_RUN_MARKER, DmesgFinding, GiantVMLauncher, GiantVMSpecError, busy_ports,
     check_node_addresses, parse_ip_addr, parse_listeners, scan_dmesg)
-from harness.backends.remote_qemu import (
-    CONSOLE_FILE, EXIT_FILE, SHELL_SOCKET, RemoteGuestState, RemoteQemuGuest, exit_code,
-    exit_recording_argv)
+from harness.backends.remote_qemu import CONSOLE_FILE, EXIT_FILE, SHELL_SOCKET
+from harness.errors import BootError, HarnessError
+from harness.transport.remote_console import RemoteConsole, RemotePlaces
 from harness.transport.remote_host import (
     DetachedProcess, RemoteHostError, RemoteResult, on_hosts)
+from harness.transport.remote_process import RemoteProcess, exit_recording_argv, log_tail
 
 MARKER_TIMEOUT_S = 180.0  # every node mlocks all guest RAM before the rendezvous
 POLL_INTERVAL_S = 0.5
-STATUS_CACHE_S = 0.5
 LOG_TAIL_LINES = 15
 LOG_CHUNK = 1 << 20
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
@@ -107,11 +108,6 @@ class HostFacts:
 
 
 @dataclass(frozen=True)
-class PreflightReport:
-    hosts: tuple[HostFacts, ...]
-
-
-@dataclass(frozen=True)
 class NodeProcess:
     """One started node: where its process, log and exit file are on its host."""
 
@@ -140,10 +136,12 @@ class HostDmesg:
     missing_markers: tuple[str, ...] = ()  # DSM lines of this host's nodes that never appeared
     error: str | None = None  # the log could not be read or has no run marker
 
-
-def log_tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
-    kept = text.rstrip("\n").splitlines()[-lines:]
-    return "\n".join(kept) if kept else "(the log is empty)"
+    def problems(self) -> tuple[str, ...]:
+        found = [f"{finding.kind}: {finding.line}" for finding in self.findings]
+        found += [f"missing: {line}" for line in self.missing_markers]
+        if self.error is not None:
+            found.append(f"unreadable: {self.error}")
+        return tuple(found)
 
 
 @dataclass
@@ -192,7 +190,7 @@ class GiantVMCluster:
 
     # -- preflight ---------------------------------------------------------------------------
 
-    def preflight(self) -> PreflightReport:
+    def preflight(self) -> tuple[HostFacts, ...]:
         """Check every host at once; raise ClusterPreflightError listing every problem."""
         binary = self.launcher.qemu_binary
         boot_files = (str(self.launcher.boot.kernel), str(self.launcher.boot.initrd))
@@ -242,8 +240,8 @@ class GiantVMCluster:
         if problems:
             raise ClusterPreflightError("the GiantVM cluster cannot start:\n  - "
                                         + "\n  - ".join(problems))
-        return PreflightReport(tuple(by_host[name] for name in self.host_names()  # type: ignore
-                                     if name in by_host))
+        return tuple(by_host[name] for name in self.host_names()  # type: ignore[misc]
+                     if name in by_host)
 
     def _address_problems(self, by_host: Mapping[str, HostFacts | None]) -> list[str]:
         """giantvm.check_node_addresses, with one line (and fix) per misplaced node."""
@@ -319,6 +317,21 @@ class GiantVMCluster:
                            self.exit_file(index))
 
 
+@dataclass(frozen=True)
+class ClusterRecord:
+    """What session.json keeps of a started cluster for a later `probe` or `down`."""
+
+    run_id: str
+    kernel: str  # the guest's bzImage and initramfs, as paths on the hosts
+    initrd: str
+    processes: tuple[NodeProcess, ...]
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ClusterRecord:
+        return cls(data["run_id"], data["kernel"], data["initrd"],
+                   tuple(NodeProcess(**process) for process in data["processes"]))
+
+
 @dataclass
 class _NodeLog:
     offset: int = 0
@@ -332,26 +345,28 @@ class GiantVMGuest:
     cluster: GiantVMCluster
     processes: list[NodeProcess] = field(default_factory=list)
     accelerator: str = "kvm"
-    console: RemoteQemuGuest | None = field(default=None, repr=False)
+    console: RemoteConsole | None = field(default=None, repr=False)
     stops: dict[int, NodeStop] = field(default_factory=dict)
+    _lifecycles: dict[int, RemoteProcess] = field(default_factory=dict, repr=False)
     _logs: dict[int, _NodeLog] = field(default_factory=dict, repr=False)
     _status: int | None = field(default=None, repr=False)
-    _checked_at: float = field(default=float("-inf"), repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def endpoints(self) -> GuestEndpoints:
-        if self.console is not None:
-            return self.console.endpoints
         local = self.cluster.local_dir
         return GuestEndpoints(kernel_console_log=local / CONSOLE_FILE,
                               shell_socket=unix_socket_path(local, SHELL_SOCKET),
-                              ssh_host="127.0.0.1", ssh_port=0)
+                              ssh_host="127.0.0.1",
+                              ssh_port=self.console.local_ssh_port if self.console else 0)
 
     @property
     def pid(self) -> int:
         """Node 0's process group on its host."""
         return self.processes[0].pid if self.processes else 0
+
+    @property
+    def where(self) -> str:
+        return self.cluster.launcher.nodes[0].host
 
     @classmethod
     def attach(cls, cluster: GiantVMCluster, processes: Sequence[NodeProcess],
@@ -362,8 +377,21 @@ class GiantVMGuest:
             guest.open_console(fresh=False)
         return guest
 
+    def record(self) -> ClusterRecord:
+        boot = self.cluster.launcher.boot
+        return ClusterRecord(self.cluster.run_id, str(boot.kernel), str(boot.initrd),
+                             tuple(self.processes))
+
     def _host(self, process: NodeProcess) -> ClusterHost:
         return self.cluster.hosts[process.host]
+
+    def lifecycle(self, process: NodeProcess) -> RemoteProcess:
+        """The node's process as transport/remote_process sees it (status cache, stop, log)."""
+        if process.node not in self._lifecycles:
+            self._lifecycles[process.node] = RemoteProcess(
+                self._host(process), process.process_name, process.pid, process.log_file,
+                process.exit_file, as_root=self.cluster.as_root, clock=self.cluster.clock)
+        return self._lifecycles[process.node]
 
     # -- the rendezvous ----------------------------------------------------------------------
 
@@ -371,7 +399,7 @@ class GiantVMGuest:
         """Append what the node's QEMU wrote since the last call; the whole log so far."""
         log = self._logs.setdefault(process.node, _NodeLog())
         while True:
-            data = self._host(process).read_file(process.log_file, log.offset, LOG_CHUNK)
+            data = self.lifecycle(process).read_log(log.offset, LOG_CHUNK)
             if not data:
                 return log.text
             log.offset += len(data)
@@ -407,25 +435,28 @@ class GiantVMGuest:
                                             f"{error}") from None
                 if pid is None:
                     self._refresh_quietly(process)
-                    status = self._recorded_exit(process)
+                    status = self.lifecycle(process).recorded_exit()
                     raise ClusterStartError(
                         f"node {process.node} on host '{process.host}' exited ({status}) before "
                         f"the I/O router rendezvous was done; every node is being stopped. Its "
                         f"log ({process.log_file}) ends with:\n"
-                        f"{log_tail(self._logs.get(process.node, _NodeLog()).text)}")
+                        f"{log_tail(self._log_text(process), LOG_TAIL_LINES)}")
             if not waiting:
                 return
             if cluster.clock() >= deadline:
                 details = "\n".join(
                     f"node {process.node} on host '{process.host}' still lacks "
                     f"{', '.join(repr(m) for m in self.missing_markers(process))}; its log "
-                    f"ends with:\n{log_tail(self._logs.get(process.node, _NodeLog()).text)}"
+                    f"ends with:\n{log_tail(self._log_text(process), LOG_TAIL_LINES)}"
                     for process in waiting)
                 raise ClusterStartError(
                     f"the GiantVM nodes did not finish the I/O router rendezvous within "
                     f"{cluster.marker_timeout_s:.0f}s (are TCP ports 37710+i and 40000+i open "
                     f"between the hosts?):\n{details}")
             cluster.sleep(cluster.poll_interval_s)
+
+    def _log_text(self, process: NodeProcess) -> str:
+        return self._logs.get(process.node, _NodeLog()).text
 
     def _refresh_quietly(self, process: NodeProcess) -> None:
         try:
@@ -434,21 +465,13 @@ class GiantVMGuest:
             pass
 
     def open_console(self, fresh: bool = True) -> None:
-        """Node 0's console tail, ttyS1 socket and SSH forward, through remote_qemu's pieces."""
-        cluster = self.cluster
-        process = self.processes[0]
-        endpoints = cluster.launcher.endpoints
-        local = cluster.local_dir
-        state = RemoteGuestState(
-            host=process.host, process_name=process.process_name, pid=process.pid,
-            accelerator=self.accelerator, remote_run_dir=cluster.launcher.nodes[0].work_dir,
-            remote_console_log=endpoints.kernel_console_log,
-            remote_shell_socket=endpoints.shell_socket, remote_ssh_port=endpoints.ssh_port,
-            remote_qemu_log=process.log_file, exit_file=process.exit_file,
-            local_console_log=str(local / CONSOLE_FILE),
-            local_shell_socket=str(unix_socket_path(local, SHELL_SOCKET)), local_ssh_port=0)
-        console = RemoteQemuGuest(self._host(process), state)  # type: ignore[arg-type]
-        console.open_local(fresh=fresh)
+        """Node 0's console tail, ttyS1 socket and SSH forward (transport/remote_console)."""
+        endpoints = self.cluster.launcher.endpoints
+        local = self.endpoints
+        console = RemoteConsole(self._host(self.processes[0]), RemotePlaces(  # type: ignore[arg-type]
+            endpoints.kernel_console_log, endpoints.shell_socket, endpoints.ssh_port,
+            local.kernel_console_log, local.shell_socket))
+        console.open(fresh=fresh)
         self.console = console
 
     def qemu_log_tail(self, lines: int = 10) -> str:
@@ -456,51 +479,28 @@ class GiantVMGuest:
         tails = []
         for process in self.processes:
             self._refresh_quietly(process)
-            text = self._logs.get(process.node, _NodeLog()).text
             tails.append(f"node {process.node} on host '{process.host}':\n"
-                         f"{log_tail(text, lines)}")
+                         f"{log_tail(self._log_text(process), lines)}")
         return "\n".join(tails) or "(no node was started)"
 
     def detach(self) -> None:
         """Close node 0's forwards and every host connection; the nodes keep running."""
         if self.console is not None:
-            self.console.close_local()
+            self.console.close()
         for host in self.cluster._hosts():
             host.close()
 
-    # -- status ------------------------------------------------------------------------------
-
-    def _recorded_exit(self, process: NodeProcess) -> int:
-        try:
-            result = self._host(process).run(f"cat {shlex.quote(process.exit_file)} 2>/dev/null",
-                                             timeout_s=15)
-            return exit_code(result.stdout) if result.exit_status == 0 else -1
-        except (RemoteHostError, ValueError):
-            return -1
-
     def exit_status(self) -> int | None:
-        """None while every node runs; else the first stopped node's (in node order) exit code.
-        Asks the hosts at most every STATUS_CACHE_S seconds."""
-        with self._lock:
+        """None while every node runs; else the exit code of the first node seen stopped (in node
+        order), kept from then on: the node that failed first is the one to look at."""
+        for process in self.processes:
             if self._status is not None:
-                return self._status
-            now = self.cluster.clock()
-            if now - self._checked_at < STATUS_CACHE_S:
-                return None
-            self._checked_at = now
-            for process in self.processes:
-                host = self._host(process)
-                if not host.connected:
-                    host.close()  # RemoteHost never reuses a dead connection
-                try:
-                    if host.running_pid(process.process_name,
-                                        as_root=self.cluster.as_root) is not None:
-                        continue
-                except RemoteHostError:
-                    continue  # unknown is not stopped; the next call asks again
-                self._status = self._recorded_exit(process)
-                return self._status
-            return None
+                break
+            try:
+                self._status = self.lifecycle(process).exit_status()
+            except RemoteHostError:
+                continue  # unknown is not stopped; the next call asks that host again
+        return self._status
 
     # -- stop --------------------------------------------------------------------------------
 
@@ -511,7 +511,7 @@ class GiantVMGuest:
         is collected and raised together (ClusterStopError); a later call retries those nodes.
         """
         if self.console is not None:
-            self.console.close_local()
+            self.console.close()
         pending = [process for process in self.processes if process.node not in self.stops
                    or self.stops[process.node].error is not None]
         if pending:
@@ -521,16 +521,8 @@ class GiantVMGuest:
                     self.stops[stop.node] = stop
         failed = [self.stops[process.node] for process in self.processes
                   if self.stops[process.node].error is not None]
-        with self._lock:
-            if self._status is None:
-                first = next((self.stops[process.node] for process in self.processes
-                              if self.stops[process.node].outcome is not None), None)
-                if first is not None:
-                    self._status = {"terminated": -15, "killed": -9}.get(first.outcome or "")
-                    if self._status is None:
-                        self._status = self._recorded_exit(self.processes[first.node])
-        if self.console is not None and self.console.tail is not None:
-            self.console.tail.poll()  # the last lines node 0 wrote
+        if self.console is not None:
+            self.console.poll()  # the last lines node 0 wrote
         if failed:
             raise ClusterStopError(
                 f"{len(failed)} of {len(self.processes)} GiantVM nodes could not be stopped "
@@ -538,27 +530,13 @@ class GiantVMGuest:
                     f"node {stop.node} on host '{stop.host}': {stop.error}" for stop in failed))
 
     def _stop_node(self, process: NodeProcess) -> NodeStop:
-        host = self._host(process)
+        lifecycle = self.lifecycle(process)
         try:
-            if not host.connected:
-                host.close()
-            outcome = host.stop_detached(process.process_name, as_root=self.cluster.as_root)
+            outcome = lifecycle.stop()
         except RemoteHostError as error:
-            return NodeStop(process.node, process.host, None,
-                            f"{error}; it may still run there as process group {process.pid}: "
-                            f"`kill -TERM -{process.pid}`")
-        self._copy_log(process)
+            return NodeStop(process.node, process.host, None, str(error))
+        lifecycle.copy_log(self.cluster.local_dir / f"qemu-node{process.node}.log")
         return NodeStop(process.node, process.host, outcome)
-
-    def _copy_log(self, process: NodeProcess) -> None:
-        local = self.cluster.local_dir / f"qemu-node{process.node}.log"
-        local.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            data = self._host(process).read_file(process.log_file)
-        except RemoteHostError as error:
-            data = f"(node {process.node}'s log {process.log_file} is out of reach: " \
-                   f"{error})\n".encode()
-        local.write_bytes(data)
 
     # -- after the run -----------------------------------------------------------------------
 
@@ -582,3 +560,12 @@ class GiantVMGuest:
                 else HostDmesg(outcome.host, error=str(outcome.error))
                 for outcome in result.outcomes]
 
+    def host_logs(self) -> list[HostLog]:
+        """Every host's kernel log since the run began (host-dmesg.json in the run folder holds
+        it all): nothing alarming, and every DSM line its nodes should have printed."""
+        findings = self.dmesg_findings()
+        (self.cluster.local_dir / "host-dmesg.json").write_text(
+            json.dumps([asdict(host) for host in findings], indent=2, sort_keys=True) + "\n")
+        return [HostLog(host.host, "no DEADLOCK/BUG/WARNING/invalid gfn lines, every DSM "
+                                   "connection line", host.problems())
+                for host in findings]

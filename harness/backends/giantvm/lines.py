@@ -23,13 +23,13 @@ import shlex
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
+from harness.config import GIANTVM_MACHINES as MACHINES
+from harness.config import GIANTVM_MAX_NODES as MAX_NODES
 from harness.errors import HarnessError
 from harness.backends.base import BootSpec, unix_socket_path
 
-MAX_NODES = 4
 DSM_BASE_PORT = 37710
 IO_ROUTER_BASE_PORT = 40000
-MACHINES = ("q35", "pc")
 
 # QEMU's stdout (interrupt-router.c, vl.c, pc.c), exact text; `{}` fields are filled per node.
 QEMU_TOPOLOGY = "QEMU nums: {nodes}, Total CPU nums: {vcpus}, CPU per QEMU: {per_node}"

@@ -8,19 +8,19 @@ from __future__ import annotations
 import random
 import shlex
 import subprocess
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from harness.hostkvm.modules import artifact_path, sha256_file
+from harness.transport.artifacts import artifact_path, sha256_file
 from harness.errors import BootError
 from harness.backends.base import UNIX_PATH_MAX, BootSpec
 from harness.backends.remote_qemu import (
-    STATUS_CACHE_S, TAIL_CHUNK, ConsoleTail, RemoteGuestState, RemoteQemuGuest,
-    RemoteQemuLauncher, exit_code, free_remote_port, read_existing_command, used_ports)
+    RemoteGuestState, RemoteQemuGuest, RemoteQemuLauncher, free_remote_port,
+    read_existing_command, used_ports)
+from harness.transport.remote_process import STATUS_CACHE_S, exit_code
 from harness.transport.remote_host import (
     DetachedProcess, HostKeyError, RemoteHost, RemoteHostError, RemoteHostSpec, RemoteResult,
     TcpTarget, UnixTarget)
@@ -167,46 +167,6 @@ def test_used_ports_and_a_free_remote_port() -> None:
     assert free_remote_port(Host(), 20000, 20002, random.Random(1)) == 20002
     with pytest.raises(RemoteHostError, match=r"no free TCP port between 20000 and 20001"):
         free_remote_port(Host(), 20000, 20001, random.Random(1))
-
-
-def test_console_tail_copies_growth_and_keeps_errors(tmp_path) -> None:
-    remote = bytearray(b"Linux version 6.1\n")
-    failing = threading.Event()
-
-    def read(offset: int) -> bytes:
-        if failing.is_set():
-            raise RemoteHostError("host 'node-a': the SSH connection was lost")
-        return bytes(remote[offset:offset + TAIL_CHUNK])
-
-    local = tmp_path / "console-kernel.log"
-    local.write_bytes(b"an older boot\n")
-    tail = ConsoleTail(read, local, fresh=True, interval_s=0.02)
-    try:
-        deadline = time.monotonic() + 5
-        while local.read_bytes() != bytes(remote):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        failing.set()
-        remote += b"GVM-HARNESS: guest ready\n"
-        while tail.last_error is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        assert "connection was lost" in tail.last_error
-        failing.clear()
-        while local.read_bytes() != bytes(remote):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-    finally:
-        tail.close()
-    assert not tail.running
-    remote += b"x" * (TAIL_CHUNK + 5)  # more than one read's worth, fetched by one poll
-    assert tail.poll() == TAIL_CHUNK + 5
-    assert local.read_bytes() == bytes(remote)
-    resumed = ConsoleTail(read, local, fresh=False, interval_s=10)
-    try:
-        assert resumed.offset == len(remote) and resumed.poll() == 0
-    finally:
-        resumed.close()
 
 
 @dataclass

@@ -7,16 +7,13 @@ insmod, modprobe, the /sys/module snapshot) against an in-memory kernel and can 
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shlex
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
-from harness.hostkvm.modules import (
-    DeployError, artifact_path, install_kvm_modules, remote_sha256, sha256_file, upload_file)
+from harness.hostkvm.modules import DeployError, install_kvm_modules
 from harness.transport.remote_host import RemoteResult
 
 BOOT_ID = "6c1f0d9e-0000-4000-8000-000000000001"
@@ -314,55 +311,3 @@ def test_refuses_a_missing_module_file() -> None:
 def test_refuses_when_the_previous_module_file_is_gone() -> None:
     host = FakeHost(state=f"boot_id {BOOT_ID}\nkvm /gone/kvm.ko\n")
     refused(host, r"the loaded kvm came from /gone/kvm.ko .* which is gone")
-
-
-def test_sha256_and_content_addressed_paths(tmp_path: Path) -> None:
-    artifact = tmp_path / "bzImage"
-    artifact.write_bytes(b"kernel" * 100000)
-    digest = hashlib.sha256(artifact.read_bytes()).hexdigest()
-    assert sha256_file(artifact) == digest
-    assert artifact_path("/srv/gvm/artifacts", digest, "bzImage") == \
-        f"/srv/gvm/artifacts/{digest}/bzImage"
-
-
-class HashingHost:
-    """Answers only `sha256sum`; any attempt to transfer would fail on the missing sftp()."""
-
-    name = "hashing"
-
-    def __init__(self, files: dict[str, str]):
-        self.files = files
-        self.timeouts: dict[str, float] = {}
-
-    def run(self, command: str, timeout_s: float = 60, check: bool = False,
-            as_root: bool = False) -> RemoteResult:
-        path = shlex.split(command)[3]
-        self.timeouts[path] = timeout_s
-        digest = self.files.get(path)
-        return RemoteResult(self.name, command, 0, f"{digest}  {path}\n" if digest else "", "")
-
-
-def test_an_unchanged_file_is_not_sent(tmp_path: Path) -> None:
-    artifact = tmp_path / "initramfs.cpio"
-    artifact.write_bytes(b"cpio")
-    host = HashingHost({"/w/initramfs.cpio": sha256_file(artifact)})
-    assert remote_sha256(host, "/w/initramfs.cpio") == sha256_file(artifact)
-    assert remote_sha256(host, "/w/other") is None
-    result = upload_file(host, artifact, "/w/initramfs.cpio")  # type: ignore[arg-type]
-    assert not result.uploaded and result.size == 4
-
-
-def test_hashing_a_large_file_may_take_longer_than_a_command() -> None:
-    host = HashingHost({})
-    remote_sha256(host, "/w/small", size=1 << 10)
-    remote_sha256(host, "/w/qemu", size=44 << 20)
-    assert host.timeouts["/w/small"] == pytest.approx(60, abs=1)
-    assert host.timeouts["/w/qemu"] > 60 + 44
-
-
-def test_upload_refuses_relative_targets_and_missing_files(tmp_path: Path) -> None:
-    host = HashingHost({})
-    with pytest.raises(DeployError, match="'w/bzImage' must be an absolute path"):
-        upload_file(host, tmp_path, "w/bzImage")  # type: ignore[arg-type]
-    with pytest.raises(DeployError, match="does not exist; build it first"):
-        upload_file(host, tmp_path / "nope", "/w/bzImage")  # type: ignore[arg-type]

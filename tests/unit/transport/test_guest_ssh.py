@@ -10,7 +10,7 @@ import pytest
 from harness.transport import guest_ssh
 from harness.errors import BootError, GuestSSHError
 from harness.transport.guest_ssh import GuestSSH, SSHTarget, wait_for_banner
-from harness.backends.local_qemu import free_loopback_port
+from harness.transport.local_process import free_loopback_port
 
 
 def target(port: int) -> SSHTarget:

@@ -15,27 +15,13 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from harness.config import HostConfig
 from harness.errors import HarnessError
-from harness.backends.local_qemu import free_loopback_port
+from harness.transport.local_process import free_loopback_port
 from harness.transport.remote_host import (
     HostKeyError, HostUnreachable, PortForward, RemoteCommandError, RemoteHost, RemoteHostError,
     RemoteHostSpec, RemoteResult, UnixTarget, _PinnedKeys, _TrustOnFirstUse, fingerprint,
     on_hosts, relay)
 from tests.fakes import SocketChannel
-
-
-def test_spec_from_the_cluster_config_and_its_checks(tmp_path: Path) -> None:
-    host = HostConfig(name="node-a", address="10.0.0.1", user="gvm", port=2222,
-                      key_file=tmp_path / "id_ed25519", work_dir="/srv/gvm")
-    spec = RemoteHostSpec.from_host_config(host, tmp_path / "known_hosts", sudo=True)
-    assert (spec.name, spec.address, spec.user, spec.port, spec.work_dir) == \
-        ("node-a", "10.0.0.1", "gvm", 2222, "/srv/gvm")
-    assert spec.key_file == tmp_path / "id_ed25519" and spec.sudo
-    assert not spec.trust_on_first_use
-    assert spec.where == "host 'node-a' (gvm@10.0.0.1:2222)"
-    with pytest.raises(RemoteHostError, match="work_dir 'gvm' must be an absolute path"):
-        RemoteHostSpec("a", "10.0.0.1", work_dir="gvm")
 
 
 def test_result_check_names_host_command_and_output() -> None:

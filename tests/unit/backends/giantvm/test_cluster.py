@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from harness.backends.base import BootSpec
-from harness.backends.giantvm.lines import (
-    DMESG_RUN_MARKER, GiantVMLauncher, GiantVMSpecError, NodePlacement)
 from harness.backends.giantvm.cluster import (
-    ClusterPreflightError, ClusterStartError, ClusterStopError, GiantVMCluster, log_tail)
-from harness.backends.remote_qemu import exit_recording_argv
+    ClusterPreflightError, ClusterStartError, ClusterStopError, GiantVMCluster, HostDmesg)
+from harness.backends.giantvm.lines import (
+    DMESG_RUN_MARKER, DmesgFinding, GiantVMLauncher, GiantVMSpecError, NodePlacement)
+from harness.transport.remote_process import exit_recording_argv, log_tail
 from harness.transport.remote_host import RemoteHostError
 from tests.fakes import FakeClock, FakeHost, FakeProcess
 
@@ -68,9 +68,9 @@ def test_preflight_passes_and_reports_what_it_saw(tmp_path) -> None:
     _, h0, h1 = two_hosts()
     h0.listeners = ["0.0.0.0:22"]
     report = make_cluster(make_launcher(), [h0, h1], tmp_path).preflight()
-    assert [facts.host for facts in report.hosts] == ["h0", "h1"]
-    assert report.hosts[0].addresses == ("127.0.0.1", "10.0.0.1")
-    assert report.hosts[0].listeners == (("*", 22),) and report.hosts[0].qemu_binary_ok
+    assert [facts.host for facts in report] == ["h0", "h1"]
+    assert report[0].addresses == ("127.0.0.1", "10.0.0.1")
+    assert report[0].listeners == (("*", 22),) and report[0].qemu_binary_ok
 
 
 def test_preflight_names_the_host_and_the_fix_for_every_problem(tmp_path) -> None:
@@ -316,3 +316,13 @@ def test_two_nodes_on_one_loopback_host(tmp_path) -> None:
 def test_log_tail() -> None:
     assert log_tail("") == "(the log is empty)"
     assert log_tail("".join(f"{i}\n" for i in range(40)), 3) == "37\n38\n39"
+
+
+def test_host_dmesg_problems_name_findings_missing_lines_and_unreadable_logs() -> None:
+    assert HostDmesg("h0").problems() == ()
+    found = HostDmesg("h1", findings=(DmesgFinding("DEADLOCK", "kvm-dsm: DEADLOCK gfn 0x1"),),
+                      missing_markers=("kvm-dsm: node-1 established connection with node-0",))
+    assert found.problems() == ("DEADLOCK: kvm-dsm: DEADLOCK gfn 0x1",
+                                "missing: kvm-dsm: node-1 established connection with node-0")
+    assert HostDmesg("h2", error="host 'h2': cannot connect").problems() == (
+        "unreadable: host 'h2': cannot connect",)
