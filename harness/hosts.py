@@ -7,7 +7,8 @@ from typing import Callable, Iterable
 
 from harness.config import ClusterConfig, GiantVMConfig, HostConfig
 from harness.errors import HarnessError
-from harness.transport.remote_host import RemoteHost, RemoteHostError, RemoteHostSpec, on_hosts
+from harness.transport.remote_host import RemoteHost, RemoteHostError, RemoteHostSpec
+from harness.transport.parallel import on_hosts
 
 OpenHost = Callable[[HostConfig], RemoteHost]
 

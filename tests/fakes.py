@@ -7,9 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.transport.artifacts import UploadResult
-from harness.transport.remote_host import (
-    DetachedProcess, HostOutcome, HostUnreachable, ParallelResult, RemoteHostError, RemoteHostSpec,
-    RemoteResult)
+from harness.transport.remote_host import DetachedProcess, HostUnreachable, RemoteHostError, RemoteHostSpec, RemoteResult
+from harness.transport.parallel import HostOutcome, ParallelResult
 
 
 @dataclass

@@ -18,7 +18,8 @@ from harness.hosts import OpenHost, connect_node_hosts, close_hosts, giantvm_of
 from harness.progress import Progress
 from harness.run_folder import RunFolder
 from harness.transport.artifacts import upload_artifacts
-from harness.transport.remote_host import ParallelResult, RemoteHost, on_hosts
+from harness.transport.remote_host import RemoteHost
+from harness.transport.parallel import ParallelResult, on_hosts
 
 STATE_DIR = "state"  # under the hosts' work_dir: what the module install must remember
 

@@ -20,8 +20,8 @@ from typing import Callable, Protocol, Sequence
 import paramiko
 
 from harness.errors import HarnessError
-from harness.transport.remote_host import (
-    COMMAND_TIMEOUT_S, ParallelResult, RemoteHost, RemoteHostError, RemoteResult, on_hosts)
+from harness.transport.remote_host import COMMAND_TIMEOUT_S, RemoteHost, RemoteHostError, RemoteResult
+from harness.transport.parallel import ParallelResult, on_hosts
 
 PART_SUFFIX = ".gvm-part"
 ARTIFACT_DIR = "artifacts"  # under each host's work_dir

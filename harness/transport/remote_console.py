@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from harness.transport.remote_host import (PortForward, RemoteHost, RemoteHostError, TcpTarget,
-                                           UnixTarget)
+from harness.transport.remote_host import RemoteHost, RemoteHostError
+from harness.transport.forward import PortForward, TcpTarget, UnixTarget
 
 TAIL_INTERVAL_S = 0.2
 TAIL_CHUNK = 1 << 20

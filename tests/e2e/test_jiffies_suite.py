@@ -9,7 +9,8 @@ import pytest
 from harness import suite
 from harness.stages.judge import check_samples
 from harness.stages.probe import JiffiesProbe
-from harness.transport.remote_host import RemoteHost, RemoteHostError, RemoteHostSpec, UnixTarget
+from harness.transport.remote_host import RemoteHost, RemoteHostError, RemoteHostSpec
+from harness.transport.forward import UnixTarget
 
 pytestmark = pytest.mark.e2e
 

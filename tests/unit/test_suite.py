@@ -13,7 +13,7 @@ from harness.backends import registry
 from harness.backends.base import BootSpec, HostLog
 from harness.backends.giantvm import backend as giantvm_backend
 from harness.backends.giantvm.backend import GiantVMBackend, launcher_for
-from harness.backends.giantvm.cluster import GiantVMGuest
+from harness.backends.giantvm.guest import GiantVMGuest
 from harness.config import load_config
 from harness.progress import Progress
 from harness.run_folder import RunFolder

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Sequence
 
 from harness.backends.base import BootSpec, StartSpec
-from harness.backends.giantvm.cluster import ClusterError, ClusterRecord, GiantVMCluster, GiantVMGuest
+from harness.backends.giantvm.cluster import ClusterError, GiantVMCluster
+from harness.backends.giantvm.guest import ClusterRecord, GiantVMGuest, start_guest
 from harness.backends.giantvm.lines import GiantVMLauncher, NodePlacement
 from harness.config import ClusterConfig
 from harness.errors import HarnessError
@@ -22,7 +23,8 @@ from harness.hosts import OpenHost, close_hosts, connect_node_hosts, giantvm_of,
     open_host
 from harness.run_folder import RunFolder
 from harness.transport.artifacts import upload_artifacts
-from harness.transport.remote_host import RemoteHost, on_hosts
+from harness.transport.remote_host import RemoteHost
+from harness.transport.parallel import on_hosts
 
 NODE_RUNS = "runs"  # under the hosts' work_dir: runs/<run id>/node<i>
 ATOMIC_INC_PARAM = "atomic_inc_mode"  # only the patched kvm.ko has it (host_patches/README.md)
@@ -102,7 +104,7 @@ class GiantVMBackend:
             nodes = giantvm.nodes
             with spec.progress.step(f"start {len(nodes)} GiantVM nodes on "
                                     f"{', '.join(dict.fromkeys(node.host for node in nodes))}"):
-                return cluster.start()
+                return start_guest(cluster)
         except BaseException:
             close_hosts(hosts.values())
             raise

@@ -21,9 +21,8 @@ from harness.backends.remote_qemu import (
     RemoteGuestState, RemoteQemuGuest, RemoteQemuLauncher, free_remote_port,
     read_existing_command, used_ports)
 from harness.transport.remote_process import STATUS_CACHE_S, exit_code
-from harness.transport.remote_host import (
-    DetachedProcess, HostKeyError, RemoteHost, RemoteHostError, RemoteHostSpec, RemoteResult,
-    TcpTarget, UnixTarget)
+from harness.transport.remote_host import DetachedProcess, HostKeyError, RemoteHost, RemoteHostError, RemoteHostSpec, RemoteResult
+from harness.transport.forward import TcpTarget, UnixTarget
 from tests.fakes import Forwarding
 
 PROC_NET_TCP = """\

@@ -12,7 +12,7 @@ from harness.hostkvm.install import KernelInstall
 from harness.hostkvm.modules import DeployError, ModuleInstall, ModuleSnapshot
 from harness.config import parse_config
 from harness.progress import Progress
-from harness.transport.remote_host import HostOutcome, ParallelResult
+from harness.transport.parallel import HostOutcome, ParallelResult
 from tests.configs import shipped_config
 from harness.run_folder import RunFolder
 from tests.configs import giantvm_config as config_with

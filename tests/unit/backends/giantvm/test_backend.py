@@ -12,7 +12,8 @@ import pytest
 from harness.backends.base import BootSpec, StartSpec
 from harness.backends.giantvm import backend as giantvm_backend
 from harness.backends.giantvm.backend import GiantVMBackend, launcher_for, select_atomic_inc_mode
-from harness.backends.giantvm.cluster import ClusterError, ClusterRecord
+from harness.backends.giantvm.cluster import ClusterError
+from harness.backends.giantvm.guest import ClusterRecord
 from harness.progress import Progress
 from harness.run_folder import RunFolder
 from tests.configs import giantvm_config as config_with
