@@ -1,5 +1,5 @@
-"""A console log that grows in a local file (QEMU writes it, or a tail copies it from a host):
-read it whole whatever state it is in, and wait until a line shows up in it."""
+"""Logs that grow (a console QEMU writes, a tail copied from a host, QEMU's own output): read one
+whole whatever state it is in, cut its last lines for a message, wait until a line shows up."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 POLL_S = 0.1
+TAIL_LINES = 10
 
 
 class MarkerTimeout(Exception):
@@ -24,6 +25,12 @@ def read_log(path: Path) -> str:
         return path.read_text(errors="replace")
     except FileNotFoundError:
         return ""
+
+
+def log_tail(text: str, lines: int = TAIL_LINES) -> str:
+    """The last `lines` lines of a log, for error messages."""
+    kept = text.rstrip("\n").splitlines()[-lines:]
+    return "\n".join(kept) if kept else "(the log is empty)"
 
 
 def wait_for_marker(log: Path, marker: str, timeout_s: float, check: Callable[[], None],

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from harness.errors import CommandError
+from harness.transport.console_log import TAIL_LINES, log_tail, read_log
 from harness.progress import Progress
 
 STOP_GRACE_S = 5.0
@@ -123,12 +124,8 @@ class LocalProcess:
             return -1
         return -1 if state in ("Z", "X") else None
 
-    def log_tail(self, lines: int = 10) -> str:
-        try:
-            kept = self.log.read_text(errors="replace").splitlines()[-lines:]
-        except FileNotFoundError:
-            return f"(no log at {self.log})"
-        return "\n".join(kept)
+    def log_tail(self, lines: int = TAIL_LINES) -> str:
+        return log_tail(read_log(self.log), lines)
 
     def stop(self) -> None:
         """TERM the whole session, then KILL what is left; safe to call twice."""

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
+from harness.transport.console_log import TAIL_LINES
 from harness.transport.remote_host import DetachedProcess, RemoteHostError, RemoteResult
 
 STATUS_CACHE_S = 0.5  # exit_status() asks the host at most this often
-TAIL_LINES = 10
 
 
 class ProcessHost(Protocol):
@@ -55,12 +55,6 @@ def exit_code(text: str) -> int:
     """The wrapper's `$?` in Popen's convention: a death by signal N is -N."""
     status = int(text.strip())
     return -(status - 128) if status > 128 else status
-
-
-def log_tail(text: str, lines: int = TAIL_LINES) -> str:
-    """The last `lines` lines of a log, for error messages."""
-    kept = text.rstrip("\n").splitlines()[-lines:]
-    return "\n".join(kept) if kept else "(the log is empty)"
 
 
 @dataclass

@@ -27,7 +27,8 @@ from harness.errors import HarnessError
 from harness.transport.parallel import on_hosts
 from harness.transport.remote_console import RemoteConsole, RemotePlaces
 from harness.transport.remote_host import RemoteHostError
-from harness.transport.remote_process import RemoteProcess, log_tail
+from harness.transport.console_log import log_tail
+from harness.transport.remote_process import RemoteProcess
 
 
 def start_guest(cluster: GiantVMCluster) -> GiantVMGuest:

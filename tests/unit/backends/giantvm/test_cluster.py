@@ -13,7 +13,8 @@ from harness.backends.giantvm.cluster import (
     ClusterPreflightError, GiantVMCluster)
 from harness.backends.giantvm.lines import (
     GiantVMLauncher, GiantVMSpecError, NodePlacement)
-from harness.transport.remote_process import exit_recording_argv, log_tail
+from harness.transport.console_log import log_tail
+from harness.transport.remote_process import exit_recording_argv
 from tests.fakes import FakeClock, FakeHost, FakeProcess
 
 QEMU = "/opt/giantvm/qemu-system-x86_64"
