@@ -13,6 +13,7 @@ guest's own record, and how to log in, so `up`, `probe` and `down` can be separa
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from harness.stages import rootfs
 from harness.stages.guest_kernel import kernel_hz, patch_and_build
 from harness.stages.judge import CheckResult, Verdict, check_samples
 from harness.stages.probe import JiffiesProbe, JiffiesSample
-from harness.stages.report import plot_skew, verdict_table, write_junit
+from harness.stages.report import RunContext, plot_skew, verdict_table, write_junit
 from harness.transport.console_log import MarkerTimeout, read_log, wait_for_marker
 from harness.transport.guest_ssh import GuestSSH, SSHTarget
 from harness.transport.serial_console import SerialConsole
@@ -233,31 +234,48 @@ def host_log_checks(logs: list[HostLog]) -> list[CheckResult]:
 
 
 def judge(samples: list[JiffiesSample], hz: int, config: ClusterConfig, run: RunFolder,
-          host_checks: list[CheckResult] | None = None) -> Verdict:
+          host_checks: list[CheckResult] | None = None,
+          context: RunContext | None = None) -> Verdict:
     """The verdict, written as verdict.json, verdict.txt, junit.xml and skew.png."""
     sample_checks = check_samples(samples, hz, config.checks).checks or (CheckResult(
         "jiffies samples", "-", False, 0.0, "at least one round", "no samples were taken"),)
     return write_reports(Verdict(sample_checks + tuple(host_checks or ())), config, run,
-                         samples, hz)
+                         samples, hz, context)
 
 
-def kernel_failure(error: KernelUnderTestError, config: ClusterConfig,
-                   run: RunFolder) -> Verdict:
+def kernel_failure(error: KernelUnderTestError, config: ClusterConfig, run: RunFolder,
+                   context: RunContext | None = None) -> Verdict:
     """A kernel under test that died or never became ready is a FAIL, with its reports."""
     check = CheckResult("guest kernel", "console", False, 1.0,
                         "no panic/Oops/BUG; reaches the ready marker", str(error))
-    return write_reports(Verdict((check,)), config, run, [], 0)
+    return write_reports(Verdict((check,)), config, run, [], 0, context)
 
 
 def write_reports(verdict: Verdict, config: ClusterConfig, run: RunFolder,
-                  samples: list[JiffiesSample], hz: int) -> Verdict:
-    run.write_json("verdict.json", {"passed": verdict.passed,
-                                    "checks": [check.to_dict() for check in verdict.checks]})
-    write_junit(verdict, run.file("junit.xml"), f"gvm-harness.{config.name}")
+                  samples: list[JiffiesSample], hz: int,
+                  context: RunContext | None = None) -> Verdict:
+    run.write_json("verdict.json", {
+        "passed": verdict.passed, "checks": [check.to_dict() for check in verdict.checks],
+        "context": context.to_dict() if context is not None else None})
+    write_junit(verdict, run.file("junit.xml"), f"gvm-harness.{config.name}", context)
     if samples:
-        plot_skew(samples, hz, run.file("skew.png"), config.checks.max_skew_ticks)
-    run.file("verdict.txt").write_text(verdict_table(verdict) + "\n")
+        plot_skew(samples, hz, run.file("skew.png"), config.checks.max_skew_ticks, context)
+    run.file("verdict.txt").write_text(verdict_table(verdict, context) + "\n")
     return verdict
+
+
+def run_context(session: GuestSession, samples: list[JiffiesSample],
+                host_load: tuple[float, float]) -> RunContext:
+    """What this run exercised, from the session, the guest's console and the samples."""
+    config, record = session.config, session.record
+    span_ns = max((s.host_ns for s in samples), default=0) - \
+        min((s.host_ns for s in samples), default=0)
+    per_vcpu = len(samples) / record.vcpus / (span_ns / 1e9) if span_ns > 0 else 0.0
+    return RunContext(
+        backend=record.kind, accelerator=session.guest.accelerator, nodes=config.vm.nodes,
+        vcpus=record.vcpus, atomic_inc=tuple(atomic_inc_lines(session.kernel_console_log)),
+        atomic_inc_mode=config.giantvm.atomic_inc_mode if config.giantvm else None,
+        host_load=host_load, workloads=(), readings_per_s_per_vcpu=round(per_vcpu, 1))
 
 
 def build_guest(config: ClusterConfig, run: RunFolder, progress: Progress) -> tuple[Path, int]:
@@ -301,20 +319,23 @@ def boot_and_judge(config: ClusterConfig, kernel: Path, hz: int, run: RunFolder,
 def probe_and_judge(session: GuestSession, progress: Progress, stop: bool) -> Verdict:
     """Probe, then (with `stop`) stop the guest, then read the hosts' logs, then judge."""
     config, run = session.config, session.run
+    load_before = os.getloadavg()[0]
     try:
         try:
             samples = probe_guest(session, progress)
         except KernelUnderTestError as error:
-            return kernel_failure(error, config, run)
+            context = run_context(session, [], (load_before, os.getloadavg()[0]))
+            return kernel_failure(error, config, run, context)
         finally:
             if stop:
                 session.close()
             else:
                 session.detach()
+        context = run_context(session, samples, (load_before, os.getloadavg()[0]))
         checks = host_checks(session, progress)  # after the stop: shutdown lines count too
     finally:
         session.detach()
-    return judge(samples, session.record.hz, config, run, checks)
+    return judge(samples, session.record.hz, config, run, checks, context)
 
 
 def probe(config: ClusterConfig, run: RunFolder, progress: Progress) -> Verdict:

@@ -1,9 +1,11 @@
-"""What a run leaves behind for people and for CI: a table, JSON, JUnit XML and a skew plot."""
+"""What a run leaves behind for people and for CI: a table, JSON, JUnit XML and a skew plot, each
+saying what the run exercised (RunContext) next to what it found."""
 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ElementTree
 from collections import defaultdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from harness.stages.judge import Verdict, vcpu_skews
@@ -12,22 +14,65 @@ from harness.stages.probe import JiffiesSample
 NS_PER_S = 1_000_000_000
 
 
-def verdict_table(verdict: Verdict) -> str:
+@dataclass(frozen=True)
+class RunContext:
+    """What the verdict is about: a PASS means little if the protocol never ran."""
+
+    backend: str
+    accelerator: str
+    nodes: int
+    vcpus: int
+    atomic_inc: tuple[str, ...]  # the guest's own ATOMIC_INC boot lines, in order
+    atomic_inc_mode: str | None  # the host kvm's method (GiantVM); None where there is no DSM
+    host_load: tuple[float, float]  # this machine's 1-minute load average at start and end
+    workloads: tuple[str, ...]
+    readings_per_s_per_vcpu: float  # jiffies readings the judge saw, per vCPU and second
+
+    @property
+    def protocol_exercised(self) -> bool:
+        """ATOMIC_INC said it was enabled and never that it turned itself off."""
+        return bool(self.atomic_inc) and self.atomic_inc[0] == "ATOMIC_INC: enabled" and \
+            not any("disabled" in line for line in self.atomic_inc)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "protocol_exercised": self.protocol_exercised}
+
+    def lines(self) -> list[str]:
+        exercised = "ATOMIC_INC exercised" if self.protocol_exercised else \
+            "ATOMIC_INC NOT exercised (coherence checks still ran)"
+        mode = f", method {self.atomic_inc_mode}" if self.atomic_inc_mode else ""
+        said = self.atomic_inc[-1] if self.atomic_inc else "no ATOMIC_INC line (unpatched guest?)"
+        return [f"{exercised}{mode}: the guest said '{said}'",
+                f"{self.backend} under {self.accelerator.upper()}: {self.vcpus} vCPUs on "
+                f"{self.nodes} node{'s' if self.nodes != 1 else ''}; host load "
+                f"{self.host_load[0]:.1f} -> {self.host_load[1]:.1f}; workloads: "
+                f"{', '.join(self.workloads) or 'none'}; "
+                f"{self.readings_per_s_per_vcpu:.1f} readings/s per vCPU"]
+
+
+def verdict_table(verdict: Verdict, context: RunContext | None = None) -> str:
     rows = [("transport", "check", "result", "measured", "limit", "detail")]
     for check in verdict.checks:
         rows.append((check.transport, check.name, "PASS" if check.passed else "FAIL",
                      f"{check.measured:g}", check.limit, check.detail))
     widths = [max(len(row[column]) for row in rows) for column in range(5)]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[5]
-             for row in rows]
+    lines = context.lines() if context is not None else []
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[5]
+              for row in rows]
     lines.append(f"VERDICT: {'PASS' if verdict.passed else 'FAIL'}")
     return "\n".join(lines)
 
 
-def write_junit(verdict: Verdict, path: Path, suite_name: str) -> None:
+def write_junit(verdict: Verdict, path: Path, suite_name: str,
+                context: RunContext | None = None) -> None:
     failures = sum(not check.passed for check in verdict.checks)
     suite = ElementTree.Element("testsuite", name=suite_name, tests=str(len(verdict.checks)),
                                 failures=str(failures), errors="0")
+    if context is not None:
+        properties = ElementTree.SubElement(suite, "properties")
+        for name, value in context.to_dict().items():
+            text = ", ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+            ElementTree.SubElement(properties, "property", name=name, value=text)
     for check in verdict.checks:
         case = ElementTree.SubElement(suite, "testcase", classname=f"{suite_name}.{check.transport}",
                                       name=check.name)
@@ -40,7 +85,8 @@ def write_junit(verdict: Verdict, path: Path, suite_name: str) -> None:
     ElementTree.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)
 
 
-def plot_skew(samples: list[JiffiesSample], hz: int, path: Path, max_skew_ticks: int) -> None:
+def plot_skew(samples: list[JiffiesSample], hz: int, path: Path, max_skew_ticks: int,
+              context: RunContext | None = None) -> None:
     """Skew of every vCPU against its round's median over host time, one panel per transport."""
     import matplotlib
     matplotlib.use("Agg")
@@ -64,6 +110,8 @@ def plot_skew(samples: list[JiffiesSample], hz: int, path: Path, max_skew_ticks:
         axis.set_ylabel("ticks vs round median")
         axis.legend(fontsize="small", ncol=4)
     axes[-1, 0].set_xlabel("host time since first sample (s)")
-    figure.tight_layout()
+    if context is not None:
+        figure.suptitle("\n".join(context.lines()), fontsize="small")
+    figure.tight_layout(rect=(0, 0, 1, 0.92 if context is not None else 1))
     figure.savefig(path, dpi=90)
     pyplot.close(figure)
