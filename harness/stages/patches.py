@@ -6,6 +6,12 @@ as it was. (Several patch files given to one `git apply` are *not* atomic: each 
 it goes.) The same command works on plain unpacked trees, as long as git cannot discover an outer
 repository: GIT_CEILING_DIRECTORIES stops it from looking above the tree.
 
+Reverting cannot use one call: `git apply --reverse` of a concatenation where a later patch edits
+a file an earlier one creates exits 0 and leaves the file behind, and the concatenation in reverse
+order is refused ("has been renamed/deleted"). So a revert undoes one patch at a time, last first,
+on a scratch copy of the files the series touches, and only when every step worked there are the
+results copied over the tree's files (or the files removed).
+
 What is applied is recorded inside the tree (`.gvm-harness/applied/`: the series order and a copy
 of every patch), so a tree is never patched twice and the recorded series can be reverted even after
 the patch files in the repository have changed.
@@ -127,14 +133,11 @@ class PatchSeries:
         shutil.rmtree(scratch, ignore_errors=True)
         try:
             scratch.mkdir()
-            for relative in _touched_files(recorded + self.patches):
-                if (tree / relative).is_file():
-                    (scratch / relative).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(tree / relative, scratch / relative)
-            _run_git_apply(scratch, recorded, reverse=True,
-                           failure=f"{tree}: the recorded series "
-                                   f"({', '.join(p.name for p in recorded)}) no longer reverts "
-                                   "cleanly; the tree was changed by hand. Restore a pristine tree.")
+            _copy_files(tree, scratch, _touched_files(recorded + self.patches))
+            _revert_each(scratch, recorded,
+                         failure=f"{tree}: the recorded series "
+                                 f"({', '.join(p.name for p in recorded)}) no longer reverts "
+                                 "cleanly; the tree was changed by hand. Restore a pristine tree.")
             if self.patches and not _git_apply_ok(scratch, self.patches, reverse=False):
                 _explain_failure(scratch, self, shown_tree=tree)
         finally:
@@ -162,9 +165,18 @@ class PatchSeries:
         recorded = _read_record(tree)
         if not recorded:
             return ()
-        _run_git_apply(tree, recorded, reverse=True,
-                       failure=f"{tree}: the recorded series does not revert cleanly; the tree "
-                               "was changed by hand. Nothing was changed.")
+        scratch = tree.parent / f".{tree.name}.gvm-harness-revert"
+        shutil.rmtree(scratch, ignore_errors=True)
+        touched = _touched_files(recorded)
+        try:
+            scratch.mkdir()
+            _copy_files(tree, scratch, touched)
+            _revert_each(scratch, recorded,
+                         failure=f"{tree}: the recorded series does not revert cleanly; the tree "
+                                 "was changed by hand. Nothing was changed.")
+            _copy_files(scratch, tree, touched)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         _clear_record(tree)
         return tuple(p.name for p in recorded)
 
@@ -175,7 +187,7 @@ def _require_tree(tree: Path) -> None:
 
 
 def _concatenate(patches: tuple[Patch, ...]) -> str:
-    """One input in series order; `git apply --reverse` undoes a multi-patch input last-first."""
+    """One input in series order, for apply and its checks (a revert goes patch by patch)."""
     return "".join(p.text if p.text.endswith("\n") else p.text + "\n" for p in patches)
 
 
@@ -248,6 +260,23 @@ def _file_section(patch_text: str, path: str) -> str:
     sections = re.split(r"^(?=diff --git |--- )", patch_text, flags=re.M)
     chosen = [s for s in sections if re.search(rf"^\+\+\+ b/{re.escape(path)}$", s, re.M)]
     return "".join(chosen)
+
+
+def _revert_each(tree: Path, patches: tuple[Patch, ...], failure: str) -> None:
+    """Undo the patches one by one, last first (see the module docstring for why)."""
+    for patch in reversed(patches):
+        _run_git_apply(tree, (patch,), reverse=True, failure=f"{failure} ({patch.name})")
+
+
+def _copy_files(source: Path, target: Path, relatives: list[str]) -> None:
+    """Make each of `relatives` in `target` what it is in `source`: copied, or removed when
+    `source` has no such file (a revert removes what the series created)."""
+    for relative in relatives:
+        if (source / relative).is_file():
+            (target / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / relative, target / relative)
+        else:
+            (target / relative).unlink(missing_ok=True)
 
 
 def _touched_files(patches: tuple[Patch, ...]) -> list[str]:
