@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)  # also when started with `&`, which ignores it
     progress = Progress()
     try:
         config = load_config(args.config)

@@ -274,10 +274,28 @@ class _Section:
 _REQUIRED = object()
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: the
+    second would silently win, and the first is usually the one the user meant to change."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"found key '{key}' a second time (first at line {seen[key].line + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: Path | None = None) -> ClusterConfig:
     path = (path or DEFAULT_CONFIG).resolve()
     try:
-        data = yaml.safe_load(path.read_text())
+        with path.open() as stream:  # a stream, so YAML errors name the file, not "<unicode string>"
+            data = yaml.load(stream, Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file; the default is {DEFAULT_CONFIG}") from None
     except yaml.YAMLError as error:
@@ -488,6 +506,9 @@ def _parse_probe(section: _Section) -> ProbeConfig:
     section.done()
     if not probe.transports:
         raise section.error("transports", f"name at least one of: {', '.join(PROBE_TRANSPORTS)}")
+    if len(set(probe.transports)) != len(probe.transports):
+        raise section.error("transports", "names a transport twice; each is probed once, and "
+                                          "two probes of one would be judged as one series")
     return probe
 
 

@@ -18,10 +18,12 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import paramiko
+
 from harness.backends.base import Backend, BootSpec, HostLog, RunningGuest, StartSpec
 from harness.backends.registry import backend_for, backend_named
 from harness.config import ClusterConfig
-from harness.errors import BootError, HarnessError, KernelUnderTestError
+from harness.errors import BootError, HarnessError, KernelUnderTestError, ProbeError
 from harness.progress import Progress
 from harness.run_folder import RunFolder
 from harness.stages import rootfs
@@ -115,8 +117,9 @@ class GuestSession:
                                        f"see {self.kernel_console_log}")
         status = self.guest.exit_status()
         if status is not None:
-            raise BootError(f"QEMU exited with {status}; {self.guest.qemu_log_tail()}; "
-                            f"kernel console: {self.kernel_console_log}")
+            tail = read_log(self.kernel_console_log).splitlines()[-3:]
+            raise BootError(f"QEMU exited with {status}; {self.guest.qemu_log_tail()}; the kernel "
+                            f"console ({self.kernel_console_log}) ends with {tail}")
 
     def disconnect(self) -> None:
         for connection in (self.console, self.ssh):
@@ -210,11 +213,18 @@ def probe_guest(session: GuestSession, progress: Progress) -> list[JiffiesSample
     samples: list[JiffiesSample] = []
     for transport in config.probe.transports:
         with progress.step(f"probe jiffies over {transport}: {config.probe.rounds} rounds"):
-            runner = session.open_ssh() if transport == "ssh" else session.open_console()
-            probe = JiffiesProbe(runner, transport, session.record.vcpus,
-                                 session.record.vcpus_per_node)
-            progress.say(f"    method: {probe.method}")
-            samples += probe.sample(config.probe.rounds, config.probe.interval_s)
+            try:
+                runner = session.open_ssh() if transport == "ssh" else session.open_console()
+                probe = JiffiesProbe(runner, transport, session.record.vcpus,
+                                     session.record.vcpus_per_node)
+                progress.say(f"    method: {probe.method}")
+                samples += probe.sample(config.probe.rounds, config.probe.interval_s)
+            except (HarnessError, OSError, EOFError, paramiko.SSHException) as error:
+                session.raise_if_dead()  # a guest that died is named first, by blame
+                if isinstance(error, HarnessError):
+                    raise
+                raise ProbeError(f"probing over {transport} failed while the guest still runs: "
+                                 f"{type(error).__name__}: {error}") from None
     session.run.write_json("samples.json", [sample.to_dict() for sample in samples])
     return samples
 

@@ -33,6 +33,8 @@ def test_embedded_default_loads() -> None:
     (lambda d: d["vm"].update(nodes=3), r"vm.nodes: 4 vCPUs cannot be split evenly over 3"),
     (lambda d: d["probe"].update(transports=["ssh", "telnet"]),
      r"probe.transports: 'telnet' is not one of: ssh, serial"),
+    (lambda d: d["probe"].update(transports=["ssh", "ssh"]),
+     r"probe.transports: names a transport twice"),
     (lambda d: d["checks"].update(rate_tolerance=2), r"checks.rate_tolerance: expected a number"),
     (lambda d: d.pop("guest"), r"guest: is required"),
     (lambda d: d["guest"]["kernel"]["config"].update(fragments=["nope.config"]),
@@ -70,6 +72,10 @@ def test_missing_and_broken_files(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("vm: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+    (tmp_path / "twice.yaml").write_text("name: a\nvm:\n  vcpus: 2\n  vcpus: 4\n")
+    with pytest.raises(ConfigError, match=r'(?s)twice.yaml: .*key .vcpus. a second time \(first at '
+                                          r'line 3\).*in ".*twice.yaml", line 4'):
+        load_config(tmp_path / "twice.yaml")
     (tmp_path / "list.yaml").write_text("- 1\n")
     with pytest.raises(ConfigError, match=r"\(top level\): expected a mapping"):
         load_config(tmp_path / "list.yaml")

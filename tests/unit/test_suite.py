@@ -5,6 +5,7 @@ hosts' kernel logs become verdict checks, and a dead kernel under test is a FAIL
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -113,3 +114,38 @@ def test_a_kernel_that_panics_at_boot_is_a_fail_with_reports(cluster_run) -> Non
         ("guest kernel", "console")]
     assert "Kernel panic - not syncing" in verdict.checks[0].detail
     assert run.file("junit.xml").is_file() and "FAIL" in run.file("verdict.txt").read_text()
+
+
+class _BrokenRunner:
+    def run(self, command, timeout_s=None):
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+
+def _session_with(tmp_path, exit_status, console: str) -> suite.GuestSession:
+    from tests.unit.backends.test_registry import ScriptedGuest
+    from harness.backends.base import GuestEndpoints
+    log = tmp_path / "console-kernel.log"
+    log.write_text(console)
+    guest = ScriptedGuest(GuestEndpoints(log, tmp_path / "sock", "127.0.0.1", 1))
+    guest.exit_status = lambda: exit_status  # type: ignore[method-assign]
+    record = suite.SessionRecord("scripted", {}, suite.GuestAccess("pw", "k", "t", "b"), 2, 2, 250)
+    session = suite.GuestSession(record, guest, RunFolder(tmp_path), load_config())
+    session.open_ssh = lambda timeout_s=None: _BrokenRunner()  # type: ignore[method-assign]
+    return session
+
+
+@pytest.mark.parametrize("exit_status, console, error, message", [
+    (-9, "Linux version 6.1\n", "BootError", r"QEMU exited with -9.*ends with \['Linux version"),
+    (0, "Kernel panic - not syncing: Fatal exception\n", "KernelUnderTestError",
+     "the guest kernel failed: 'Kernel panic - not syncing'"),
+    (None, "Linux version 6.1\n", "ProbeError",
+     "probing over ssh failed while the guest still runs: ConnectionResetError"),
+])
+def test_a_probe_that_loses_its_guest_says_whose_fault_it_is(tmp_path, exit_status, console,
+                                                             error, message) -> None:
+    session = _session_with(tmp_path, exit_status, console)
+    session.config = replace(session.config, probe=replace(session.config.probe,
+                                                           transports=("ssh",)))
+    with pytest.raises(Exception, match=message) as raised:
+        suite.probe_guest(session, Progress())
+    assert type(raised.value).__name__ == error
