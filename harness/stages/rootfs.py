@@ -78,7 +78,7 @@ def build_initramfs(out_dir: Path) -> Initramfs:
             raise BuildError(f"{tool} is missing; run ./gvm setup (packages busybox-static, "
                              "dropbear-bin, openssh-sftp-server)")
     keys = out_dir / "keys"
-    keys.mkdir(parents=True, exist_ok=True)
+    keys.mkdir(mode=0o700, parents=True, exist_ok=True)
     credentials = _generate_credentials(keys)
     archive = CpioArchive()
     for directory in ("bin", "sbin", "usr/bin", "usr/sbin", "etc/init.d", "etc/dropbear",
@@ -109,6 +109,8 @@ def build_initramfs(out_dir: Path) -> Initramfs:
                      credentials.client_key.with_suffix(".pub").read_bytes(), 0o600)
     path = out_dir / "initramfs.cpio"
     data = archive.finish()
+    path.touch(mode=0o600)  # it holds the host's private key and the root password hash
+    path.chmod(0o600)
     path.write_bytes(data)
     return Initramfs(path=path, sha256=hashlib.sha256(data).hexdigest(), credentials=credentials)
 

@@ -39,6 +39,8 @@ def test_initramfs_has_init_keys_and_login(tmp_path: Path) -> None:
     assert (extract / "etc/shadow").read_text().startswith("root:$6$")
     assert result.credentials.host_key_type == "ssh-ed25519"
     assert (tmp_path / "keys/root_password").stat().st_mode & 0o077 == 0
+    for secret in (result.path, tmp_path / "keys"):  # the archive holds the host's private key
+        assert secret.stat().st_mode & 0o077 == 0, secret
 
 
 def test_the_sftp_server_sits_where_this_dropbear_looks_for_it() -> None:
