@@ -13,6 +13,7 @@ import hashlib
 import posixpath
 import secrets
 import shlex
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
@@ -107,6 +108,7 @@ def upload_file(host: RemoteHost, local: Path, remote_path: str, sha256: str | N
     try:
         with host.sftp(stall_timeout_s) as sftp:
             sftp.put(str(local), temporary, callback=progress, confirm=True)
+            sftp.chmod(temporary, stat.S_IMODE(local.stat().st_mode))  # private stays private
             received = remote_sha256(host, temporary, size)
             if received != sha256:
                 raise UploadError(f"{local.name} arrived on {where} with sha256 {received}, not "

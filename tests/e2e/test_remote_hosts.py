@@ -28,7 +28,7 @@ from harness.backends.giantvm.lines import (
     parse_ip_addr, parse_listeners)
 from harness.transport.remote_host import HostKeyError, HostUnreachable, RemoteHost, RemoteHostError, RemoteHostSpec, RemoteTimeout
 from harness.transport.forward import TcpTarget, UnixTarget
-from harness.transport.parallel import on_hosts
+from harness.transport.parallel import ParallelResult, on_hosts
 from tests.e2e.netns_hosts import NetnsHost, NetnsLab, lab_or_skip
 
 pytestmark = pytest.mark.e2e
@@ -159,11 +159,17 @@ def test_commands_have_deadlines_and_report_exit_status(remotes) -> None:
     assert time.monotonic() - started < 3.0
 
 
+def values(result: ParallelResult) -> dict:
+    assert not result.failed, result.summary()
+    return {outcome.host: outcome.value for outcome in result.outcomes}
+
+
 def test_upload_is_verified_and_skipped_when_unchanged(lab, remotes, tmp_path) -> None:
     kernel, initrd = tmp_path / "bzImage", tmp_path / "initramfs.cpio"
     kernel.write_bytes(os.urandom(2 << 20))
     initrd.write_bytes(os.urandom(512 << 10))
-    first = upload_artifacts(remotes, [kernel, initrd]).values()
+    initrd.chmod(0o600)
+    first = values(upload_artifacts(remotes, [kernel, initrd]))
     for host in lab.hosts:
         results = first[host.name]
         assert [r.uploaded for r in results] == [True, True]
@@ -171,7 +177,8 @@ def test_upload_is_verified_and_skipped_when_unchanged(lab, remotes, tmp_path) -
             assert result.remote_path == artifact_path(f"{host.work_dir}/artifacts",
                                                        sha256_file(local), local.name)
             assert Path(result.remote_path).read_bytes() == local.read_bytes()
-    again = upload_artifacts(remotes, [kernel, initrd]).values()
+            assert Path(result.remote_path).stat().st_mode & 0o777 == local.stat().st_mode & 0o777
+    again = values(upload_artifacts(remotes, [kernel, initrd]))
     assert all(not r.uploaded for results in again.values() for r in results)
     remote, host = remotes[0], lab.hosts[0]
     target = f"{host.work_dir}/boot/bzImage"
@@ -347,8 +354,8 @@ def test_giantvm_placement_and_ports_checked_on_the_hosts(lab, remotes) -> None:
         qemu_binary="qemu-system-x86_64", boot=boot, ssh_port=10022,
         nodes=(NodePlacement(first.name, first.address, str(first.work_dir)),
                NodePlacement(second.name, second.address, str(second.work_dir))))
-    addresses = on_hosts(remotes[:2], "addresses", lambda h: parse_ip_addr(
-        h.run("ip -4 -o addr show", check=True).stdout)).values()
+    addresses = values(on_hosts(remotes[:2], "addresses", lambda h: parse_ip_addr(
+        h.run("ip -4 -o addr show", check=True).stdout)))
     check_node_addresses(cluster, addresses)
     swapped = GiantVMLauncher(
         qemu_binary="qemu-system-x86_64", boot=boot, ssh_port=10022,
@@ -359,8 +366,8 @@ def test_giantvm_placement_and_ports_checked_on_the_hosts(lab, remotes) -> None:
         check_node_addresses(swapped, addresses)
 
     def listeners() -> dict:
-        return on_hosts(remotes[:2], "listeners", lambda h: parse_listeners(
-            h.run("ss -Htln", check=True).stdout)).values()
+        return values(on_hosts(remotes[:2], "listeners", lambda h: parse_listeners(
+            h.run("ss -Htln", check=True).stdout)))
 
     assert busy_ports(cluster.required_ports(), listeners()) == []
     try:
