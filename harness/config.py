@@ -32,6 +32,7 @@ PROBE_TRANSPORTS = ("ssh", "serial")
 ATOMIC_INC_MODES = ("send_all", "local_first")  # kvm.atomic_inc_mode (host_patches/README.md)
 BOOT_MODES = ("once", "default")  # host_install: grub-reboot or grub-set-default
 BOCHS_CLOCK_SYNCS = ("slowdown", "realtime", "both", "none")  # Bochs' `clock: sync=`
+EMULATED = "emulated"  # a host's address when the harness boots it (emulated_hosts)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,11 @@ class HostConfig:
     @property
     def is_local(self) -> bool:
         return self.address == "local"
+
+    @property
+    def is_emulated(self) -> bool:
+        """A host the harness boots itself (emulated_hosts): reached over SSH once it runs."""
+        return self.address == EMULATED
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,20 @@ class BochsHostConfig:
 
 
 @dataclass(frozen=True)
+class EmulatedHostsConfig:
+    """Hosts the harness boots as QEMU TCG VMs with AMD SVM (-cpu max) on this machine: each runs
+    the Linux-DSM `kernel` with the harness's initramfs and one GiantVM node, linked by a private
+    network on 127.0.0.1 sockets, so a GiantVM cluster runs where there is no VT-x."""
+
+    kernel: Path
+    qemu_tree: Path  # a static GiantVM QEMU 2.8 build tree, uploaded to every host
+    cpus: int
+    memory_mb: int
+    cmdline: str
+    boot_timeout_s: float
+
+
+@dataclass(frozen=True)
 class ProbeConfig:
     rounds: int
     interval_s: float
@@ -180,6 +200,7 @@ class ClusterConfig:
     timeouts: TimeoutConfig
     giantvm: GiantVMConfig | None = None
     bochs_host: BochsHostConfig | None = None
+    emulated_hosts: EmulatedHostsConfig | None = None
 
     def host(self, name: str) -> HostConfig:
         return next(host for host in self.hosts if host.name == name)
@@ -243,7 +264,11 @@ class _Section:
             return None
         if not isinstance(value, str) or not value:
             raise self.error(key, f"expected a path, got {value!r}")
-        return (self.file.parent / os.path.expanduser(value)).resolve()
+        expanded = os.path.expandvars(os.path.expanduser(value))
+        if "$" in expanded:
+            raise self.error(key, f"'{value}' names an environment variable that is not set "
+                                  f"({expanded}); export it or write the path")
+        return (self.file.parent / expanded).resolve()
 
     def string_list(self, key: str, default: Any, choices: tuple[str, ...] = ()) -> tuple[str, ...]:
         value = self._get(key, default)
@@ -319,7 +344,12 @@ def parse_config(path: Path, data: Any) -> ClusterConfig:
     giantvm_section = top.section("giantvm") if "giantvm" in top.data else None
     bochs_host = _parse_bochs_host(top.section("bochs_host")) if "bochs_host" in top.data \
         else None
+    emulated_hosts = _parse_emulated_hosts(top.section("emulated_hosts")) \
+        if "emulated_hosts" in top.data else None
     top.done()
+    if emulated_hosts is None and any(host.is_emulated for host in hosts):
+        raise top.error("hosts", f"a host with address '{EMULATED}' needs an emulated_hosts "
+                                 "section (the Linux-DSM kernel and GiantVM QEMU to boot it with)")
     names = [host.name for host in hosts]
     if len(set(names)) != len(names):
         raise top.error("hosts", f"host names must be unique, got {names}")
@@ -334,7 +364,8 @@ def parse_config(path: Path, data: Any) -> ClusterConfig:
                                    "the launcher")
     return ClusterConfig(path=path, name=name, run_root=run_root, cache_dir=cache_dir,
                          hosts=hosts, guest=guest, vm=vm, probe=probe, checks=checks,
-                         timeouts=timeouts, giantvm=giantvm, bochs_host=bochs_host)
+                         timeouts=timeouts, giantvm=giantvm, bochs_host=bochs_host,
+                         emulated_hosts=emulated_hosts)
 
 
 def _default_cache_dir() -> Path:
@@ -344,13 +375,14 @@ def _default_cache_dir() -> Path:
 
 def _parse_host(section: _Section) -> HostConfig:
     address = section.string("address")
-    if address != "local":
+    if address not in ("local", EMULATED):
         try:
             ipaddress.ip_address(address)
         except ValueError:
             if not all(part.isalnum() or part == "-" for part in address.replace(".", "-").split("-")):
-                raise section.error("address", f"'{address}' is neither 'local', an IP address "
-                                               "nor a host name") from None
+                raise section.error("address", f"'{address}' is neither 'local', "
+                                               f"'{EMULATED}', an IP address nor a host name") \
+                from None
     host = HostConfig(
         name=section.string("name"),
         address=address,
@@ -495,6 +527,21 @@ def _parse_bochs_host(section: _Section) -> BochsHostConfig:
     )
     section.done()
     return bochs
+
+
+def _parse_emulated_hosts(section: _Section) -> EmulatedHostsConfig:
+    kernel, qemu_tree = _required_path(section, "kernel"), _required_path(section, "qemu_tree")
+    if kernel.is_dir():  # a Linux-DSM build directory
+        kernel = kernel / "arch/x86/boot/bzImage"
+    emulated = EmulatedHostsConfig(
+        kernel=kernel, qemu_tree=qemu_tree,
+        cpus=section.integer("cpus", 2, 1, 8),
+        memory_mb=section.integer("memory_mb", 1024, 256, 16384),
+        cmdline=section.string("cmdline", default="console=ttyS0 panic=-1"),
+        boot_timeout_s=section.number("boot_timeout_s", 300, 1, 86400),
+    )
+    section.done()
+    return emulated
 
 
 def _parse_probe(section: _Section) -> ProbeConfig:

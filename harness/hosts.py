@@ -7,8 +7,10 @@ from typing import Callable, Iterable
 
 from harness.config import ClusterConfig, GiantVMConfig, HostConfig
 from harness.errors import HarnessError
-from harness.transport.remote_host import RemoteHost, RemoteHostError, RemoteHostSpec
+from harness.transport.guest_ssh import LoginNotYet, SSHNotReady, log_in_when_ready
 from harness.transport.parallel import on_hosts
+from harness.transport.remote_host import (HostKeyError, HostUnreachable, RemoteHost,
+                                           RemoteHostError, RemoteHostSpec)
 
 OpenHost = Callable[[HostConfig], RemoteHost]
 
@@ -61,3 +63,32 @@ def connect_node_hosts(config: ClusterConfig,
         close_hosts(hosts.values())
         raise HostsUnreachable(result.summary())
     return hosts
+
+
+def log_in_to_booted_host(spec: RemoteHostSpec, host_key: tuple[str, str], timeout_s: float,
+                          still_booting: Callable[[], None]) -> RemoteHost:
+    """SSH into a machine the harness booted itself (a Bochs or emulated host), whose sshd may
+    not answer yet: its host key (type, base64) is pinned in spec.known_hosts first, then login is
+    retried with backoff until `timeout_s`; `still_booting` raises if the machine died."""
+    key_type, key_base64 = host_key
+    spec.known_hosts.write_text(f"[{spec.address}]:{spec.port} {key_type} {key_base64}\n")
+    remote = RemoteHost(spec)
+
+    def attempt(_login_timeout_s: float) -> RemoteHost:
+        try:
+            return remote.connect()
+        except HostKeyError:
+            remote.close()
+            raise
+        except RemoteHostError as error:
+            remote.close()
+            raise LoginNotYet(str(error)) from None
+
+    try:
+        # user-mode networking accepts at once and closes while nothing listens: the banner
+        # wait covers it
+        log_in_when_ready(spec.address, spec.port, timeout_s, attempt, still_booting)
+    except SSHNotReady as error:
+        raise HostUnreachable(f"no SSH on {spec.address}:{spec.port} ({spec.name}'s port 22) "
+                              f"within {timeout_s:.0f}s: {error.last_error}") from None
+    return remote

@@ -6,6 +6,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.backends.giantvm.cluster import LISTENERS_COMMAND
 from harness.transport.artifacts import UploadResult
 from harness.transport.remote_host import DetachedProcess, HostUnreachable, RemoteHostError, RemoteHostSpec, RemoteResult
 from harness.transport.parallel import HostOutcome, ParallelResult
@@ -127,7 +128,7 @@ class FakeHost(Forwarding):
         if text == "ip -4 -o addr show":
             out = "1: lo    inet 127.0.0.1/8 scope host lo\n" + "".join(
                 f"2: eth0    inet {ip}/24 brd 10.0.0.255 scope global eth0\n" for ip in self.ips)
-        elif text == "ss -Htln":
+        elif text == LISTENERS_COMMAND:
             out = "".join(f"LISTEN 0 128 {address} 0.0.0.0:*\n" for address in self.listeners)
         elif text.startswith("test -x "):
             status = 0 if self.has_binary else 1

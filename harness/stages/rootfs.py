@@ -29,6 +29,7 @@ DROPBEAR_SFTP_PATH = "usr/lib/sftp-server"  # where Debian's dropbear execs the 
 GUEST_ADDRESS = "10.0.2.15/24"
 GUEST_GATEWAY = "10.0.2.2"
 READY_MARKER = "GVM-HARNESS: guest ready"
+PRIVATE_IP_PARAM = "gvm_private_ip"  # kernel parameter: address/prefix for eth1
 SHELL_TTY = "ttyS1"
 FIXED_MTIME = 946684800
 
@@ -45,6 +46,12 @@ if ip link set eth0 up 2>/dev/null; then
     ip route add default via {GUEST_GATEWAY}
     dropbear -s -p 22 -r /etc/dropbear/dropbear_ed25519_host_key
 fi
+for word in $(cat /proc/cmdline); do
+    case "$word" in
+    {PRIVATE_IP_PARAM}=*)  # an emulated host's address on the hosts' private network
+        ip addr add "${{word#*=}}" dev eth1 && ip link set eth1 up ;;
+    esac
+done
 echo "{READY_MARKER}: $(cat /proc/uptime)" > /dev/console
 """
 

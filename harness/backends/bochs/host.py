@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass, field
 from harness.stages import rootfs
 from harness.config import BochsHostConfig
 from harness.errors import HarnessError
-from harness.transport.guest_ssh import LoginNotYet, SSHNotReady, log_in_when_ready
+from harness.hosts import log_in_to_booted_host
 from harness.backends.bochs.machine import BochsLauncher, BochsMachine, BochsProcess
 from harness.transport.local_process import free_loopback_port
 from harness.progress import Progress
-from harness.transport.remote_host import HostKeyError, RemoteHost, RemoteHostError, RemoteHostSpec
+from harness.transport.remote_host import HostUnreachable, RemoteHost, RemoteHostSpec
 from harness.run_folder import RunFolder
 
 SSH_READY_S = 300.0  # a 4.9 kernel's sshd waits ~70 s for the entropy pool under Bochs
@@ -101,22 +101,8 @@ def start_bochs_host(config: BochsHostConfig, run: RunFolder, progress: Progress
 
 def _connect(name: str, port: int, credentials: rootfs.GuestCredentials, run: RunFolder,
              process: BochsProcess) -> tuple[RemoteHost, float]:
-    known_hosts = run.file("keys") / "bochs_known_hosts"
-    known_hosts.write_text(f"[127.0.0.1]:{port} {credentials.host_key_type} "
-                           f"{credentials.host_key_base64}\n")
-    remote = RemoteHost(RemoteHostSpec(name, "127.0.0.1", port=port,
-                                       key_file=credentials.client_key, known_hosts=known_hosts,
-                                       work_dir=WORK_DIR))
-
-    def attempt(_login_timeout_s: float) -> RemoteHost:
-        try:
-            return remote.connect()
-        except HostKeyError:
-            remote.close()
-            raise
-        except RemoteHostError as error:
-            remote.close()
-            raise LoginNotYet(str(error)) from None
+    spec = RemoteHostSpec(name, "127.0.0.1", port=port, key_file=credentials.client_key,
+                          known_hosts=run.file("keys") / "bochs_known_hosts", work_dir=WORK_DIR)
 
     def still_booting() -> None:
         if process.exit_status() is not None:
@@ -124,9 +110,9 @@ def _connect(name: str, port: int, credentials: rootfs.GuestCredentials, run: Ru
 
     started = time.monotonic()
     try:
-        # slirp accepts at once and closes when nothing listens yet: the banner wait covers it
-        log_in_when_ready("127.0.0.1", port, SSH_READY_S, attempt, still_booting)
-    except SSHNotReady as error:
-        raise BochsHostError(f"no SSH on 127.0.0.1:{port} (the Bochs machine's port 22) within "
-                             f"{SSH_READY_S:.0f}s: {error.last_error}") from None
+        remote = log_in_to_booted_host(spec, (credentials.host_key_type,
+                                              credentials.host_key_base64),
+                                       SSH_READY_S, still_booting)
+    except HostUnreachable as error:
+        raise BochsHostError(f"the Bochs machine: {error}") from None
     return remote, time.monotonic() - started

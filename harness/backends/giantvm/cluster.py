@@ -34,6 +34,9 @@ from harness.transport.remote_host import DetachedProcess, RemoteHostError, Remo
 from harness.transport.parallel import on_hosts
 from harness.transport.remote_process import exit_recording_argv
 
+# iproute2's ss, or busybox's netstat on hosts with the harness's initramfs (emulated hosts):
+# both print the local address:port in their fourth column, which parse_listeners reads
+LISTENERS_COMMAND = "ss -Htln 2>/dev/null || netstat -tln"
 MARKER_TIMEOUT_S = 180.0  # every node mlocks all guest RAM before the rendezvous
 POLL_INTERVAL_S = 0.5
 LOG_TAIL_LINES = 15
@@ -159,7 +162,7 @@ class GiantVMCluster:
         def facts(host: ClusterHost) -> HostFacts:
             addresses = parse_ip_addr(host.run("ip -4 -o addr show", check=True,
                                                timeout_s=15).stdout)
-            listeners = parse_listeners(host.run("ss -Htln", check=True, timeout_s=15).stdout)
+            listeners = parse_listeners(host.run(LISTENERS_COMMAND, check=True, timeout_s=15).stdout)
             binary_ok = host.run(["test", "-x", binary], timeout_s=15).exit_status == 0
             missing = tuple(path for path in boot_files
                             if host.run(["test", "-r", path], timeout_s=15).exit_status != 0)

@@ -180,6 +180,17 @@ def test_parse_ip_addr_and_listeners() -> None:
     assert parse_ip_addr(IP_ADDR) == ["127.0.0.1", "10.231.7.11"]
     assert parse_listeners(SS) == [("10.231.7.11", 22), ("127.0.0.1", 10022), ("*", 40001),
                                    ("*", 37711), ("127.0.0.53", 53)]
+    assert parse_listeners(BUSYBOX_NETSTAT) == [("*", 22), ("10.9.9.1", 37710),
+                                                ("127.0.0.1", 20022)]
+
+
+BUSYBOX_NETSTAT = """\
+Active Internet connections (only servers)
+Proto Recv-Q Send-Q Local Address           Foreign Address         State
+tcp        0      0 0.0.0.0:22              0.0.0.0:*               LISTEN
+tcp        0      0 10.9.9.1:37710          0.0.0.0:*               LISTEN
+tcp        0      0 127.0.0.1:20022         0.0.0.0:*               LISTEN
+"""
 
 
 def test_busy_ports_reports_wildcards_and_exact_matches_only() -> None:
