@@ -264,10 +264,9 @@ class _Section:
             return None
         if not isinstance(value, str) or not value:
             raise self.error(key, f"expected a path, got {value!r}")
+        # An unset variable stays in the path: the config still loads for `plan`, `status` and
+        # `down`, and what needs the file says which variable to export (see unexpanded()).
         expanded = os.path.expandvars(os.path.expanduser(value))
-        if "$" in expanded:
-            raise self.error(key, f"'{value}' names an environment variable that is not set "
-                                  f"({expanded}); export it or write the path")
         return (self.file.parent / expanded).resolve()
 
     def string_list(self, key: str, default: Any, choices: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -502,6 +501,11 @@ def _parse_host_kernel(section: _Section) -> HostKernel:
                         boot_mode=section.string("boot_mode", default="once", choices=BOOT_MODES))
     section.done()
     return kernel
+
+
+def unexpanded(path: Path) -> str | None:
+    """The environment variable a config path still names because it was not set, if any."""
+    return next((part for part in path.parts if part.startswith("$")), None)
 
 
 def _required_path(section: _Section, key: str) -> Path:

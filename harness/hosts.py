@@ -71,7 +71,8 @@ def log_in_to_booted_host(spec: RemoteHostSpec, host_key: tuple[str, str], timeo
     not answer yet: its host key (type, base64) is pinned in spec.known_hosts first, then login is
     retried with backoff until `timeout_s`; `still_booting` raises if the machine died."""
     key_type, key_base64 = host_key
-    spec.known_hosts.write_text(f"[{spec.address}]:{spec.port} {key_type} {key_base64}\n")
+    with spec.known_hosts.open("a") as known_hosts:  # one file may pin several booted hosts
+        known_hosts.write(f"[{spec.address}]:{spec.port} {key_type} {key_base64}\n")
     remote = RemoteHost(spec)
 
     def attempt(_login_timeout_s: float) -> RemoteHost:

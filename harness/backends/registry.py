@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from harness.backends.base import Backend
 from harness.backends.bochs.backend import BochsBackend
+from harness.backends.emulated.backend import EmulatedBackend
 from harness.backends.giantvm.backend import GiantVMBackend
 from harness.backends.local_qemu import LocalQemuBackend
 from harness.backends.remote_qemu import RemoteQemuBackend
@@ -13,8 +14,8 @@ from harness.config import ClusterConfig
 from harness.errors import HarnessError
 
 # Asked in this order; the first that wants a config runs it.
-BACKENDS: tuple[Backend, ...] = (GiantVMBackend(), RemoteQemuBackend(), LocalQemuBackend(),
-                                 BochsBackend())
+BACKENDS: tuple[Backend, ...] = (EmulatedBackend(), GiantVMBackend(), RemoteQemuBackend(),
+                                 LocalQemuBackend(), BochsBackend())
 
 
 def backend_for(config: ClusterConfig) -> Backend:

@@ -37,6 +37,26 @@ class ChannelOutput:
     stderr: bytes
 
 
+OPEN_RETRIES = 5
+OPEN_RETRY_PAUSE_S = 0.5
+
+
+def open_session(transport: paramiko.Transport, deadline: float) -> paramiko.Channel:
+    """A session channel. A busy server (dropbear on an emulated host under load) may refuse a
+    channel while it still closes the previous ones; that is retried a few times before the
+    deadline, a lost connection is not."""
+    attempts = 0
+    while True:
+        try:
+            return transport.open_session(timeout=max(1.0, deadline - time.monotonic()))
+        except paramiko.SSHException:
+            attempts += 1
+            if not transport.is_active() or attempts == OPEN_RETRIES or \
+                    time.monotonic() + OPEN_RETRY_PAUSE_S * attempts > deadline:
+                raise
+            time.sleep(OPEN_RETRY_PAUSE_S * attempts)
+
+
 class ChannelTimeout(Exception):
     """The command did not finish before its deadline; its channel was closed."""
 
@@ -48,7 +68,7 @@ def exec_on_channel(transport: paramiko.Transport, command: str,
     paramiko's SSHException, OSError and EOFError pass through: each caller names its peer.
     """
     deadline = time.monotonic() + timeout_s
-    channel = transport.open_session(timeout=timeout_s)
+    channel = open_session(transport, deadline)
     try:
         channel.exec_command(command)
         stdout, stderr = bytearray(), bytearray()

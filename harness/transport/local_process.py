@@ -90,8 +90,9 @@ def stop_process_group(pid: int, has_exited: Callable[[], bool],
             process.wait()
 
 
-def free_loopback_port() -> int:
-    with socket.socket() as probe:
+def free_loopback_port(udp: bool = False) -> int:
+    """A TCP (or UDP) port on 127.0.0.1 that nothing uses right now."""
+    with socket.socket(type=socket.SOCK_DGRAM if udp else socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 

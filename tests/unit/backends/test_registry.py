@@ -107,5 +107,5 @@ def test_the_shipped_configs_pick_their_backends() -> None:
 
 
 def test_a_session_of_an_unknown_kind_says_so(tmp_path) -> None:
-    with pytest.raises(HarnessError, match="no backend is called 'vmware'.*known: giantvm"):
+    with pytest.raises(HarnessError, match="no backend is called 'vmware'.*known: emulated, giantvm"):
         registry.backend_named("vmware")
