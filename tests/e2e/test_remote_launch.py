@@ -211,7 +211,8 @@ def test_the_forwarded_serial_console_logs_in_and_runs_commands(booted, initramf
         assert (result.output.splitlines(), result.exit_status) == (["a", "b"], 7)
     finally:
         console.close()
-    assert booted.guest.shell_forward is not None and booted.guest.shell_forward.failures == []
+    forward = booted.guest.console.shell_forward
+    assert forward is not None and forward.failures == []
 
 
 def test_the_forwarded_ssh_reaches_the_same_guest_with_every_vcpu(booted, initramfs, tmp_path,
