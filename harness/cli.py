@@ -21,6 +21,7 @@ from harness.config import DEFAULT_CONFIG, ClusterConfig, load_config
 from harness.errors import HarnessError, KernelUnderTestError
 from harness.hostkvm import tree as host_tree
 from harness.hostkvm.deploy import deploy_host_kvm
+from harness.hostkvm.qemu_build import build_giantvm_qemu
 from harness.progress import Progress
 from harness.run_folder import RunFolder
 from harness.stages.cache_lock import cache_lock
@@ -87,7 +88,23 @@ def _parser() -> argparse.ArgumentParser:
                                                   "build its kvm (modules, or the whole kernel)")
     host.add_argument("--tree", type=Path, required=True, help="the Linux-DSM source tree")
     host.add_argument("--build-dir", type=Path, help="its O= directory (default: in the tree)")
+    host.add_argument("--fragment", type=Path, action="append", dest="fragments",
+                      help="configure first: `make --base`, then merge this fragment "
+                           "(repeatable; e.g. host_patches/bochs-host.config then "
+                           "host_patches/emulated-host.config for an emulated host)")
+    host.add_argument("--base", default="tinyconfig",
+                      help="the make target the fragments are merged onto (default: tinyconfig)")
     host.set_defaults(handler=_host_build)
+    qemu = commands.add_parser("qemu-build", help="build GiantVM's QEMU 2.8 statically from a "
+                                                  "tree you give, for every host to run")
+    qemu.add_argument("--tree", type=Path, required=True, help="a GiantVM/QEMU checkout")
+    qemu.add_argument("--out", type=Path,
+                      help="where the build goes (default: <cache>/giantvm-qemu); use it as "
+                           "emulated_hosts.qemu_tree or bochs_host.qemu_tree")
+    qemu.add_argument("--chroot", type=Path,
+                      help="the Debian bullseye build chroot (default: <cache>/qemu-chroot; "
+                           "made with debootstrap when missing)")
+    qemu.set_defaults(handler=_qemu_build)
     model = commands.add_parser("model-check", help="check the ATOMIC_INC protocol models with spin")
     model.add_argument("--variant", action="append", dest="variants",
                        choices=modelcheck.VARIANTS, help="only this variant (repeatable)")
@@ -238,12 +255,27 @@ def _host_build(args: argparse.Namespace, config: ClusterConfig, progress: Progr
     tree = host_tree.open_host_tree(args.tree.resolve())
     apply_series(tree.load_series(), tree.path, str(tree.path), progress)
     run = RunFolder.create(config.run_root, f"host-{tree.base.value}")
+    configure = host_tree.HostConfigSpec(args.base, tuple(f.resolve() for f in args.fragments)) \
+        if args.fragments else None
     result = host_tree.build_kvm(tree, run.file("host-build.log"), progress,
                                  build_dir=args.build_dir.resolve() if args.build_dir else None,
-                                 jobs=config.guest.kernel.make_jobs)
+                                 jobs=config.guest.kernel.make_jobs, configure=configure)
     run.write_json("host-build.json", {**asdict(result), "base": result.base.value,
                                        "log_path": str(result.log_path)})
     progress.say(f"    {type(result).__name__}: {result.kernel_release}; run folder: {run.path}")
+    return 0
+
+
+def _qemu_build(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
+    run = RunFolder.create(config.run_root, "qemu-build")
+    out = (args.out or config.cache_dir / "giantvm-qemu").resolve()
+    chroot = (args.chroot or config.cache_dir / "qemu-chroot").resolve()
+    build = build_giantvm_qemu(args.tree.resolve(), out, chroot, run.file("qemu-build.log"),
+                               progress, config.guest.kernel.make_jobs)
+    run.write_json("qemu-build.json", {"tree": str(args.tree.resolve()), "out": str(build.tree),
+                                       "binary_bytes": build.size})
+    progress.say(f"    {build.binary} ({build.size >> 20} MB); qemu_tree: {build.tree}; "
+                 f"run folder: {run.path}")
     return 0
 
 

@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.stages.build import Artifact, read_config_options, reproducible_build_env
+from harness.stages.build import (Artifact, configure_kernel, read_config_options,
+                                  reproducible_build_env)
 from harness.errors import BuildError, HarnessError
 from harness.stages.kernel_source import KernelVersion, kernel_version
 from harness.transport.local_process import run_captured, run_logged
@@ -162,14 +163,27 @@ def build_mode(config: dict[str, str]) -> KvmBuildMode:
     return KvmBuildMode.MODULES if kvm == "m" else KvmBuildMode.FULL_KERNEL
 
 
-def build_kvm(host: HostTree, log_path: Path, progress: Progress, build_dir: Path | None = None,
-              jobs: int | None = None) -> HostBuildResult:
-    """Build what the tree's .config asks for; the whole make output goes to `log_path`.
+@dataclass(frozen=True)
+class HostConfigSpec:
+    """A host .config made by the harness: `make <base>`, the fragments, olddefconfig (for an
+    emulated host: tinyconfig + bochs-host.config + emulated-host.config)."""
 
-    `build_dir` is the O= directory holding the .config, or None for an in-tree build.
+    base: str
+    fragments: tuple[Path, ...]
+
+
+def build_kvm(host: HostTree, log_path: Path, progress: Progress, build_dir: Path | None = None,
+              jobs: int | None = None, configure: HostConfigSpec | None = None) -> HostBuildResult:
+    """Build what the .config asks for; the whole make output goes to `log_path`.
+
+    `build_dir` is the O= directory holding the .config, or None for an in-tree build;
+    `configure` writes that .config first, else it must be there already.
     """
     started = time.monotonic()
     out = build_dir or host.path
+    if configure is not None:
+        configure_kernel(host.path, out, configure.base, configure.fragments, log_path, progress,
+                         reproducible_build_env())
     config_path = out / ".config"
     if not config_path.is_file():
         raise BuildError(f"{config_path} is missing: the host kvm must be built with the config "
@@ -192,8 +206,10 @@ def build_kvm(host: HostTree, log_path: Path, progress: Progress, build_dir: Pat
         if mode is KvmBuildMode.MODULES:
             run_logged(make + ["modules_prepare"], log_path, progress, env=env)
             run_logged(make + [make_jobs, f"M={KVM_DIR}", "modules"], log_path, progress, env=env)
-        else:
-            run_logged(make + [make_jobs, "bzImage", "modules"], log_path, progress, env=env)
+        else:  # modules too where the kernel has any (an emulated host's kernel has none)
+            targets = ["bzImage", "modules"] if config.get("CONFIG_MODULES") == "y" else \
+                ["bzImage"]
+            run_logged(make + [make_jobs, *targets], log_path, progress, env=env)
     release = run_captured(make + ["-s", "kernelrelease"], env=env).strip()
     duration_s = round(time.monotonic() - started, 1)
     if mode is KvmBuildMode.MODULES:

@@ -92,18 +92,10 @@ def build_kernel(spec: KernelBuildSpec, log_path: Path, progress: Progress) -> K
     for tool in ("make", "gcc", "ccache", "flex", "bison", "bc"):
         if shutil.which(tool) is None:
             raise BuildError(f"`{tool}` is missing; run ./gvm setup to install the build tools")
-    spec.build_dir.mkdir(parents=True, exist_ok=True)
     env = reproducible_build_env(CCACHE_DIR=str(spec.ccache_dir))
     make = ["make", "-C", str(spec.tree), f"O={spec.build_dir}", f"ARCH={ARCH}"]
-    with progress.step(f"configure kernel ({spec.base_config} + {len(spec.fragments)} fragments)"):
-        run_logged(make + [spec.base_config], log_path, progress, env=env)
-        if spec.fragments:
-            run_logged([str(spec.tree / "scripts/kconfig/merge_config.sh"), "-m", "-O",
-                        str(spec.build_dir), str(spec.build_dir / ".config"),
-                        *map(str, spec.fragments)], log_path, progress, cwd=spec.tree,
-                       env=dict(env, ARCH=ARCH))
-        run_logged(make + ["olddefconfig"], log_path, progress, env=env)
-        _verify_fragments(spec)
+    configure_kernel(spec.tree, spec.build_dir, spec.base_config, spec.fragments, log_path,
+                     progress, env)
     with progress.step(f"build bzImage with -j{spec.jobs} (log: {log_path})"):
         run_logged(make + [f"-j{spec.jobs}", "CC=ccache gcc", "bzImage"], log_path, progress,
                    env=env, summarize=_summarize_kbuild_line)
@@ -116,10 +108,26 @@ def build_kernel(spec: KernelBuildSpec, log_path: Path, progress: Progress) -> K
                              duration_s=round(time.monotonic() - started, 1))
 
 
-def _verify_fragments(spec: KernelBuildSpec) -> None:
-    final = read_config_options((spec.build_dir / ".config").read_text())
+def configure_kernel(tree: Path, build_dir: Path, base_config: str, fragments: tuple[Path, ...],
+                     log_path: Path, progress: Progress, env: dict[str, str]) -> None:
+    """`make <base>`, the fragments merged in order, `olddefconfig`, then every fragment's options
+    checked in the result (guest kernels and emulated-host kernels alike)."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    make = ["make", "-C", str(tree), f"O={build_dir}", f"ARCH={ARCH}"]
+    with progress.step(f"configure kernel ({base_config} + {len(fragments)} fragments)"):
+        run_logged(make + [base_config], log_path, progress, env=env)
+        if fragments:
+            run_logged([str(tree / "scripts/kconfig/merge_config.sh"), "-m", "-O",
+                        str(build_dir), str(build_dir / ".config"), *map(str, fragments)],
+                       log_path, progress, cwd=tree, env=dict(env, ARCH=ARCH))
+        run_logged(make + ["olddefconfig"], log_path, progress, env=env)
+        _verify_fragments(build_dir, fragments)
+
+
+def _verify_fragments(build_dir: Path, fragments: tuple[Path, ...]) -> None:
+    final = read_config_options((build_dir / ".config").read_text())
     problems = []
-    for fragment in spec.fragments:
+    for fragment in fragments:
         for option in dropped_options(read_config_options(fragment.read_text()), final):
             problems.append(f"  {fragment.name}: {option}")
     if problems:
