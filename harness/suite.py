@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -274,8 +275,26 @@ def write_reports(verdict: Verdict, config: ClusterConfig, run: RunFolder,
     return verdict
 
 
+def _counters(session: GuestSession) -> dict[str, dict[str, int]]:
+    """The hosts' protocol counters; a host that cannot be read has none (the metrics are
+    context, never a reason to fail the run)."""
+    try:
+        return session.guest.host_counters()
+    except HarnessError:
+        return {}
+
+
+def host_rates(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]],
+               seconds: float) -> dict[str, dict[str, float]]:
+    """Per host and counter, how many per second over the observation."""
+    return {host: {name: round((value - before.get(host, {}).get(name, value)) / seconds, 1)
+                   for name, value in sorted(counters.items())}
+            for host, counters in sorted(after.items()) if seconds > 0}
+
+
 def run_context(session: GuestSession, samples: list[JiffiesSample],
-                host_load: tuple[float, float]) -> RunContext:
+                host_load: tuple[float, float],
+                rates: dict[str, dict[str, float]]) -> RunContext:
     """What this run exercised, from the session, the guest's console and the samples."""
     config, record = session.config, session.record
     span_ns = max((s.host_ns for s in samples), default=0) - \
@@ -285,7 +304,10 @@ def run_context(session: GuestSession, samples: list[JiffiesSample],
         backend=record.kind, accelerator=session.guest.accelerator, nodes=config.vm.nodes,
         vcpus=record.vcpus, atomic_inc=tuple(atomic_inc_lines(session.kernel_console_log)),
         atomic_inc_mode=config.giantvm.atomic_inc_mode if config.giantvm else None,
-        host_load=host_load, workloads=(), readings_per_s_per_vcpu=round(per_vcpu, 1))
+        host_load=host_load, workloads=(), readings_per_s_per_vcpu=round(per_vcpu, 1),
+        host_rates=tuple(f"{host}: " + ", ".join(f"{name} {rate:g}/s"
+                                                  for name, rate in counters.items())
+                         for host, counters in rates.items() if counters))
 
 
 def build_guest(config: ClusterConfig, run: RunFolder, progress: Progress) -> tuple[Path, int]:
@@ -329,19 +351,22 @@ def boot_and_judge(config: ClusterConfig, kernel: Path, hz: int, run: RunFolder,
 def probe_and_judge(session: GuestSession, progress: Progress, stop: bool) -> Verdict:
     """Probe, then (with `stop`) stop the guest, then read the hosts' logs, then judge."""
     config, run = session.config, session.run
-    load_before = os.getloadavg()[0]
+    load_before, counters_before = os.getloadavg()[0], _counters(session)
+    started = time.monotonic()
     try:
         try:
             samples = probe_guest(session, progress)
+            rates = host_rates(counters_before, _counters(session), time.monotonic() - started)
+            run.write_json("metrics.json", rates)
         except KernelUnderTestError as error:
-            context = run_context(session, [], (load_before, os.getloadavg()[0]))
+            context = run_context(session, [], (load_before, os.getloadavg()[0]), {})
             return kernel_failure(error, config, run, context)
         finally:
             if stop:
                 session.close()
             else:
                 session.detach()
-        context = run_context(session, samples, (load_before, os.getloadavg()[0]))
+        context = run_context(session, samples, (load_before, os.getloadavg()[0]), rates)
         checks = host_checks(session, progress)  # after the stop: shutdown lines count too
     finally:
         session.detach()

@@ -101,6 +101,9 @@ class RunningGuest(Protocol):
     def host_logs(self) -> list[HostLog]:
         """What each host's kernel log showed during the run ([] where hosts are not ours)."""
 
+    def host_counters(self) -> dict[str, dict[str, int]]:
+        """Per host, the host kvm's ATOMIC_INC and DSM counters now ({} where there are none)."""
+
     def stop(self) -> None:
         """Stop every process of this guest; safe to call twice."""
 

@@ -103,6 +103,9 @@ class QemuGuest:
     def host_logs(self) -> list[HostLog]:
         return []  # this machine's kernel is not the kernel under test
 
+    def host_counters(self) -> dict[str, dict[str, int]]:
+        return {}  # no DSM
+
     def wait_for_socket(self, path: Path, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while not path.exists():

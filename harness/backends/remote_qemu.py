@@ -276,6 +276,9 @@ class RemoteQemuGuest:
     def host_logs(self) -> list[HostLog]:
         return []  # the host is the user's; its kernel log is not the kernel under test
 
+    def host_counters(self) -> dict[str, dict[str, int]]:
+        return {}  # no DSM
+
     def open_local(self, fresh: bool) -> None:
         """Start the console tail and the two forwards; undone by `close_local`."""
         self.console.open(fresh)

@@ -27,6 +27,7 @@ class RunContext:
     host_load: tuple[float, float]  # this machine's 1-minute load average at start and end
     workloads: tuple[str, ...]
     readings_per_s_per_vcpu: float  # jiffies readings the judge saw, per vCPU and second
+    host_rates: tuple[str, ...] = ()  # per host: its kvm's protocol counters per second
 
     @property
     def protocol_exercised(self) -> bool:
@@ -47,7 +48,8 @@ class RunContext:
                 f"{self.nodes} node{'s' if self.nodes != 1 else ''}; host load "
                 f"{self.host_load[0]:.1f} -> {self.host_load[1]:.1f}; workloads: "
                 f"{', '.join(self.workloads) or 'none'}; "
-                f"{self.readings_per_s_per_vcpu:.1f} readings/s per vCPU"]
+                f"{self.readings_per_s_per_vcpu:.1f} readings/s per vCPU",
+                *self.host_rates]
 
 
 def verdict_table(verdict: Verdict, context: RunContext | None = None) -> str:

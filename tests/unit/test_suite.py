@@ -149,3 +149,12 @@ def test_a_probe_that_loses_its_guest_says_whose_fault_it_is(tmp_path, exit_stat
     with pytest.raises(Exception, match=message) as raised:
         suite.probe_guest(session, Progress())
     assert type(raised.value).__name__ == error
+
+
+def test_host_counters_become_rates_over_the_observation() -> None:
+    before = {"h0": {"atomic_inc_sent": 100, "atomic_inc_stale": 0}, "h1": {}}
+    after = {"h0": {"atomic_inc_sent": 600, "atomic_inc_stale": 0},
+             "h1": {"atomic_inc_applied": 40}}
+    assert suite.host_rates(before, after, 2.0) == {
+        "h0": {"atomic_inc_sent": 250.0, "atomic_inc_stale": 0.0},
+        "h1": {"atomic_inc_applied": 0.0}}  # a counter first seen at the end counts from there

@@ -92,6 +92,9 @@ class BochsGuest:
     def host_logs(self) -> list[HostLog]:
         return []
 
+    def host_counters(self) -> dict[str, dict[str, int]]:
+        return {}  # one node: no DSM
+
     def stop(self) -> None:
         try:
             self.guest.stop()

@@ -138,6 +138,9 @@ class EmulatedGuest:
     def host_logs(self) -> list[HostLog]:
         return self.guest.host_logs()
 
+    def host_counters(self) -> dict[str, dict[str, int]]:
+        return self.guest.host_counters()
+
     def stop(self) -> None:
         try:
             self.guest.stop()

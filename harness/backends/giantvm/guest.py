@@ -31,6 +31,23 @@ from harness.transport.console_log import log_tail
 from harness.transport.remote_process import RemoteProcess
 
 
+DEBUGFS = "/sys/kernel/debug"
+COUNTERS_COMMAND = (
+    f"grep -qs ' {DEBUGFS} ' /proc/mounts || mount -t debugfs none {DEBUGFS} 2>/dev/null; "
+    f"for f in {DEBUGFS}/kvm/atomic_inc_* {DEBUGFS}/kvm/dsm_*; do "
+    '[ -r "$f" ] && echo "${f##*/} $(cat "$f")"; done; true')
+
+
+def parse_counters(output: str) -> dict[str, int]:
+    """`name value` lines; anything else (a counter that is not a number) is left out."""
+    counters = {}
+    for line in output.splitlines():
+        name, _, value = line.partition(" ")
+        if value.strip().lstrip("-").isdigit():
+            counters[name] = int(value)
+    return counters
+
+
 def start_guest(cluster: GiantVMCluster) -> GiantVMGuest:
     """Preflight, mark the hosts' logs, start every node (node 0 first, as the docs do), wait for
     the rendezvous and open node 0's console; on failure every started node is stopped."""
@@ -330,3 +347,12 @@ class GiantVMGuest:
         return [HostLog(host.host, "no DEADLOCK/BUG/WARNING/invalid gfn lines, every DSM "
                                    "connection line", host.problems())
                 for host in findings]
+
+    def host_counters(self) -> dict[str, dict[str, int]]:
+        """Each host's kvm debugfs counters (atomic_inc_*, dsm_*): what the protocol did, for
+        rates over the observation. A host that cannot be read gives {}."""
+        def read(host: ClusterHost) -> dict[str, int]:
+            return parse_counters(host.run(COUNTERS_COMMAND, timeout_s=30, as_root=True).stdout)
+
+        result = on_hosts(self.cluster._hosts(), "kvm counters", read)
+        return {outcome.host: outcome.value or {} for outcome in result.outcomes}

@@ -46,6 +46,9 @@ class ScriptedGuest:
     def host_logs(self) -> list[HostLog]:
         return [HostLog("nowhere", "nothing", ())]
 
+    def host_counters(self) -> dict[str, dict[str, int]]:
+        return {"nowhere": {"atomic_inc_sent": 0}}
+
     def stop(self) -> None:
         self.stopped = True
 

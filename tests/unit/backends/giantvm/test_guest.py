@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from harness.backends.giantvm.cluster import ClusterStartError, ClusterStopError
-from harness.backends.giantvm.guest import HostDmesg, start_guest
+from harness.backends.giantvm.guest import HostDmesg, parse_counters, start_guest
 from harness.backends.giantvm.lines import DMESG_RUN_MARKER, DmesgFinding
 from harness.transport.remote_host import RemoteHostError
 from tests.fakes import FakeClock, FakeHost
@@ -198,3 +198,8 @@ def test_host_dmesg_problems_name_findings_missing_lines_and_unreadable_logs() -
                                 "missing: kvm-dsm: node-1 established connection with node-0")
     assert HostDmesg("h2", error="host 'h2': cannot connect").problems() == (
         "unreadable: host 'h2': cannot connect",)
+
+
+def test_kvm_counters_are_read_from_debugfs_lines() -> None:
+    assert parse_counters("atomic_inc_sent 12\natomic_inc_stale 0\ndsm_x n/a\n") == {
+        "atomic_inc_sent": 12, "atomic_inc_stale": 0}
