@@ -10,6 +10,7 @@ holds its `kind` and the JSON form of its guest's `record()`; `attach` rebuilds 
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -109,6 +110,44 @@ class RunningGuest(Protocol):
 
     def detach(self) -> None:
         """Close this process's forwards and connections and leave the guest running."""
+
+
+class GuestOnBootedHosts(ABC):
+    """A guest that runs on machines its own backend booted (Bochs, emulated hosts): it answers
+    for the inner guest, and `stop` ends the guest first, then those machines (`stop_machines`)."""
+
+    guest: RunningGuest
+
+    @property
+    def endpoints(self) -> GuestEndpoints:
+        return self.guest.endpoints
+
+    @property
+    def accelerator(self) -> str:
+        return self.guest.accelerator
+
+    @property
+    def where(self) -> str:
+        return self.guest.where
+
+    def qemu_log_tail(self, lines: int = 10) -> str:
+        return self.guest.qemu_log_tail(lines)
+
+    def host_logs(self) -> list[HostLog]:
+        return self.guest.host_logs()
+
+    def host_counters(self) -> dict[str, dict[str, int]]:
+        return self.guest.host_counters()
+
+    def stop(self) -> None:
+        try:
+            self.guest.stop()
+        finally:
+            self.stop_machines()
+
+    @abstractmethod
+    def stop_machines(self) -> None:
+        """End the machines the guest ran on."""
 
 
 class Backend(Protocol):

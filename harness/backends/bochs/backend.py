@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from harness.backends.base import GuestEndpoints, HostLog, StartSpec
+from harness.backends.base import GuestOnBootedHosts, StartSpec
 from harness.backends.bochs.host import MachineFacts, RunningBochsHost, start_bochs_host
 from harness.backends.remote_qemu import RemoteGuestState, RemoteQemuBackend, RemoteQemuGuest
 from harness.config import ClusterConfig, HostConfig
@@ -56,7 +56,7 @@ def describe(host: RunningBochsHost, facts: MachineFacts) -> list[str]:
 
 
 @dataclass
-class BochsGuest:
+class BochsGuest(GuestOnBootedHosts):
     """The guest under KVM on a Bochs machine: the remote QEMU's guest, and the machine under it,
     which ends with it."""
 
@@ -65,41 +65,17 @@ class BochsGuest:
     guest: RemoteQemuGuest
 
     @property
-    def endpoints(self) -> GuestEndpoints:
-        return self.guest.endpoints
-
-    @property
-    def accelerator(self) -> str:
-        return self.guest.accelerator
-
-    @property
-    def where(self) -> str:
-        return self.guest.where
-
-    @property
     def pid(self) -> int:
         return self.machine.process.pid
 
     def exit_status(self) -> int | None:
         return self.guest.exit_status()
 
-    def qemu_log_tail(self, lines: int = 10) -> str:
-        return self.guest.qemu_log_tail(lines)
-
     def record(self) -> RemoteGuestState:
         return self.guest.record()
 
-    def host_logs(self) -> list[HostLog]:
-        return []
-
-    def host_counters(self) -> dict[str, dict[str, int]]:
-        return {}  # one node: no DSM
-
-    def stop(self) -> None:
-        try:
-            self.guest.stop()
-        finally:
-            self.machine.stop()
+    def stop_machines(self) -> None:
+        self.machine.stop()
 
     def detach(self) -> None:
         """A Bochs machine is this command's child: it cannot be left running."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from harness.backends.base import GuestEndpoints, HostLog, StartSpec
+from harness.backends.base import GuestOnBootedHosts, StartSpec
 from harness.backends.emulated.machine import EmulatedHostLauncher, private_links
 from harness.backends.giantvm.backend import GiantVMBackend
 from harness.backends.giantvm.guest import GiantVMGuest
@@ -92,26 +92,14 @@ def hosts_as_booted(config: ClusterConfig, record: EmulatedRecord) -> ClusterCon
 
 
 @dataclass
-class EmulatedGuest:
-    """The GiantVM guest and the emulated hosts under it (RunningGuest)."""
+class EmulatedGuest(GuestOnBootedHosts):
+    """The GiantVM guest and the emulated hosts under it."""
 
     hosts: list[tuple[EmulatedHostRecord, LocalProcess]]
     guest: GiantVMGuest
     client_key: str
     known_hosts: str
     qemu_binary: str
-
-    @property
-    def endpoints(self) -> GuestEndpoints:
-        return self.guest.endpoints
-
-    @property
-    def accelerator(self) -> str:
-        return self.guest.accelerator
-
-    @property
-    def where(self) -> str:
-        return self.guest.where
 
     @property
     def pid(self) -> int:
@@ -135,18 +123,9 @@ class EmulatedGuest:
         return EmulatedRecord(tuple(record for record, _ in self.hosts), self.client_key,
                               self.known_hosts, self.qemu_binary, asdict(self.guest.record()))
 
-    def host_logs(self) -> list[HostLog]:
-        return self.guest.host_logs()
-
-    def host_counters(self) -> dict[str, dict[str, int]]:
-        return self.guest.host_counters()
-
-    def stop(self) -> None:
-        try:
-            self.guest.stop()
-        finally:
-            for _, process in self.hosts:
-                process.stop()
+    def stop_machines(self) -> None:
+        for _, process in self.hosts:
+            process.stop()
 
     def detach(self) -> None:
         self.guest.detach()

@@ -30,9 +30,9 @@ from harness.backends.giantvm.lines import (
     check_node_addresses, parse_ip_addr, parse_listeners)
 from harness.backends.remote_qemu import CONSOLE_FILE, EXIT_FILE
 from harness.errors import BootError, HarnessError
-from harness.transport.remote_host import DetachedProcess, RemoteHostError, RemoteResult
+from harness.transport.remote_host import DetachedProcess, RemoteHostError
 from harness.transport.parallel import on_hosts
-from harness.transport.remote_process import exit_recording_argv
+from harness.transport.remote_process import ProcessHost, exit_recording_argv
 
 # iproute2's ss, or busybox's netstat on hosts with the harness's initramfs (emulated hosts):
 # both print the local address:port in their fourth column, which parse_listeners reads
@@ -60,28 +60,12 @@ class ClusterStopError(ClusterError):
     """Some nodes could not be stopped; the message says which and how to stop them by hand."""
 
 
-class ClusterHost(Protocol):
-    """What the cluster needs of a host: RemoteHost, or a fake in the unit tests."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def connected(self) -> bool: ...
-
-    def close(self) -> None: ...
-
-    def run(self, command: str | Sequence[str], timeout_s: float = ..., check: bool = ...,
-            as_root: bool = ...) -> RemoteResult: ...
+class ClusterHost(ProcessHost, Protocol):
+    """What the cluster needs of a host (RemoteHost, or a fake in the unit tests): what a
+    detached process needs, and starting one."""
 
     def start_detached(self, name: str, argv: Sequence[str], as_root: bool = ...,
                        timeout_s: float = ...) -> DetachedProcess: ...
-
-    def stop_detached(self, name: str, grace_s: float = ..., as_root: bool = ...) -> str: ...
-
-    def running_pid(self, name: str, as_root: bool = ...) -> int | None: ...
-
-    def read_file(self, path: str, offset: int = ..., max_bytes: int = ...) -> bytes: ...
 
 
 @dataclass(frozen=True)
