@@ -73,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--run", type=Path,
                          help="run folder (default: the newest that started a guest)")
+        if name == "down":
+            sub.add_argument("--all", action="store_true",
+                             help="stop the guest of every run that still has one running")
         sub.set_defaults(handler=handler)
     commands.add_parser("deploy", help="install the host kvm (GiantVM configs) on every node's "
                                        "host").set_defaults(handler=_deploy)
@@ -139,18 +142,27 @@ def _status(args: argparse.Namespace, config: ClusterConfig, progress: Progress)
     print(f"guest tree: {tree} (Linux {version})")
     if series is not None:
         print(f"series {series.directory}: {series.status(tree).describe()}")
-    latest = RunFolder.newest_with(config.run_root, suite.SESSION_FILE)
-    if latest is None:
+    runs = RunFolder.all_with(config.run_root, suite.SESSION_FILE)
+    if not runs:
         print("no guest started yet")
-        return 0
-    session = suite.attach_session(config, latest, forwards=False)
+    for run in runs:  # every run's guest: one orphaned by a killed harness is not hidden
+        print(f"{run.path}: {_guest_state(config, run)}")
+    return 0
+
+
+def _guest_state(config: ClusterConfig, run: RunFolder) -> str:
+    try:
+        session = suite.attach_session(config, run, forwards=False)
+    except HarnessError as error:
+        return f"unknown ({error})"
     try:
         alive = session.guest.exit_status() is None
+    except HarnessError as error:
+        return f"unknown ({error})"
     finally:
         session.detach()
-    print(f"latest run: {latest.path}: guest {'running' if alive else 'stopped'} on "
-          f"{session.guest.where} (pid {session.guest.pid})")
-    return 0
+    return (f"guest {'running' if alive else 'stopped'} on {session.guest.where} "
+            f"(pid {session.guest.pid})")
 
 
 def _build(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
@@ -193,9 +205,21 @@ def _probe(args: argparse.Namespace, config: ClusterConfig, progress: Progress) 
 
 
 def _down(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
-    session = suite.down(config, _chosen_run(args, config))
-    progress.say(f"stopped the guest of {session.run.path}")
-    return 0
+    if not args.all:
+        session = suite.down(config, _chosen_run(args, config))
+        progress.say(f"stopped the guest of {session.run.path}")
+        return 0
+    failures = 0
+    for run in RunFolder.all_with(config.run_root, suite.SESSION_FILE):
+        if not _guest_state(config, run).startswith("guest running"):
+            continue
+        try:
+            suite.down(config, run)
+            progress.say(f"stopped the guest of {run.path}")
+        except HarnessError as error:
+            failures += 1
+            progress.say(f"error: the guest of {run.path} could not be stopped: {error}")
+    return EXIT_ERROR if failures else 0
 
 
 def _run(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:

@@ -29,13 +29,18 @@ class RunFolder:
         return cls(path)
 
     @classmethod
-    def newest_with(cls, root: Path, name: str) -> "RunFolder | None":
-        """The newest run that holds `name`: `latest` may be a build-only or model-check run."""
+    def all_with(cls, root: Path, name: str) -> "list[RunFolder]":
+        """Every run that holds `name`, newest first."""
         if not root.is_dir():
-            return None
+            return []
         runs = sorted((p for p in root.iterdir() if p.is_dir() and not p.is_symlink()),
                       key=lambda p: p.name, reverse=True)
-        return next((cls(p) for p in runs if (p / name).is_file()), None)
+        return [cls(p) for p in runs if (p / name).is_file()]
+
+    @classmethod
+    def newest_with(cls, root: Path, name: str) -> "RunFolder | None":
+        """The newest run that holds `name`: `latest` may be a build-only or model-check run."""
+        return next(iter(cls.all_with(root, name)), None)
 
     def file(self, name: str) -> Path:
         return self.path / name

@@ -1,6 +1,8 @@
 """CLI exit codes: 0 done/pass, 1 a verdict or shipped model failed, 2 a harness error with a message."""
 
+import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,40 @@ def test_a_bochs_guest_without_a_qemu_tree_exits_2_before_building(tmp_path: Pat
     assert main(["--config", str(path), "bochs-host", "--guest"]) == 2
     assert "bochs_host.qemu_tree is not set" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def _orphan(runs: Path, name: str) -> "subprocess.Popen":
+    """A run whose 'QEMU' (a sleep in its own session) outlived a killed harness."""
+    process = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    run = runs / name
+    run.mkdir(parents=True)
+    (run / "session.json").write_text(json.dumps({
+        "kind": "local-qemu", "vcpus": 4, "vcpus_per_node": 2, "hz": 250,
+        "access": {"root_password": "x", "client_key": "k", "host_key_type": "t",
+                   "host_key_base64": "b"},
+        "state": {"pid": process.pid, "accelerator": "tcg", "host": "localhost",
+                  "kernel_console_log": str(run / "console-kernel.log"),
+                  "shell_socket": str(run / "console-shell.sock"), "ssh_port": 1}}))
+    return process
+
+
+def test_status_lists_every_run_and_down_all_stops_every_orphan(config_file: Path, tmp_path,
+                                                                 capsys) -> None:
+    runs = tmp_path / "runs"
+    older, newer = _orphan(runs, "20261129-100000-a"), _orphan(runs, "20261129-110000-b")
+    (runs / "20261129-120000-other").mkdir()
+    (runs / "20261129-120000-other" / "session.json").write_text('{"kind": "vmware"}')
+    try:
+        assert main(["--config", str(config_file), "status"]) == 0
+        out = capsys.readouterr().out
+        assert f"20261129-100000-a: guest running on localhost (pid {older.pid})" in out
+        assert f"20261129-110000-b: guest running on localhost (pid {newer.pid})" in out
+        assert "20261129-120000-other: unknown (" in out  # named, not a failed status
+        assert main(["--config", str(config_file), "down", "--all"]) == 0
+        assert older.wait(timeout=10) is not None and newer.wait(timeout=10) is not None
+        assert main(["--config", str(config_file), "status"]) == 0
+        assert capsys.readouterr().out.count("guest stopped") == 2
+    finally:
+        for process in (older, newer):
+            process.kill()
+            process.wait()
