@@ -1,4 +1,4 @@
-"""Command line: `python -m harness <command> [--config vm_configs/local.yaml]`.
+"""Command line: `./gvm <command> [--config vm_configs/local.yaml]` (or `python -m harness`).
 
 Exit codes: 0 the verdict passed (or the command succeeded), 1 the verdict failed, 2 the harness
 could not get that far (the message says why), 130 interrupted.
@@ -17,7 +17,7 @@ from harness.backends.base import BootSpec
 from harness.backends.bochs.backend import BochsBackend, describe, required_qemu_tree
 from harness.backends.bochs.host import start_bochs_host
 from harness.backends.giantvm.backend import launcher_for
-from harness.config import DEFAULT_CONFIG, ClusterConfig, load_config
+from harness.config import DEFAULT_CONFIG, REPO_ROOT, ClusterConfig, load_config
 from harness.errors import HarnessError, KernelUnderTestError
 from harness.hostkvm import tree as host_tree
 from harness.hostkvm.deploy import deploy_host_kvm
@@ -25,13 +25,25 @@ from harness.hostkvm.qemu_build import build_giantvm_qemu
 from harness.progress import Progress
 from harness.run_folder import RunFolder
 from harness.stages.cache_lock import cache_lock
+from harness.transport.local_process import run_captured
 from harness.stages.guest_kernel import apply_series, guest_series, prepare_guest_tree
 
 EXIT_FAIL, EXIT_ERROR, EXIT_INTERRUPTED = 1, 2, 130
 
 
+EPILOG = """exit codes:
+  0    the verdict passed, or the command did what it says
+  1    the verdict failed (a check, or the kernel under test died or never became ready)
+  2    the harness or its hosts could not get that far (the message says why)
+  130  interrupted (Ctrl-C or SIGTERM): every QEMU the command started was stopped"""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        parser.print_help()
+        return EXIT_ERROR
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)  # also when started with `&`, which ignores it
@@ -54,11 +66,36 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def version() -> str:
+    """The checkout's commit when there is one: runs name the harness that made them."""
+    try:
+        return run_captured(["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],
+                            timeout=5).strip()
+    except HarnessError:
+        return "(not a git checkout)"
+
+
+def _with_parent(parent: argparse.ArgumentParser) -> type:
+    """A subcommand parser class that also takes the parent's options (`--config` after the
+    command as well as before it)."""
+    class Subcommand(argparse.ArgumentParser):
+        def __init__(self, **kwargs):
+            super().__init__(parents=[parent], **kwargs)
+    return Subcommand
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="harness", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="gvm", description=__doc__.splitlines()[0],
+                                     epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    config_option = argparse.ArgumentParser(add_help=False)  # before or after the command
+    config_option.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+                               help=f"cluster description (default: {DEFAULT_CONFIG.name})")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                         help=f"cluster description (default: {DEFAULT_CONFIG.name})")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     parser_class=_with_parent(config_option))
     patch = commands.add_parser("patch", help="apply the guest series to the kernel tree")
     patch.add_argument("--revert", action="store_true", help="revert what the harness applied")
     patch.set_defaults(handler=_patch)

@@ -106,3 +106,13 @@ def test_status_lists_every_run_and_down_all_stops_every_orphan(config_file: Pat
         for process in (older, newer):
             process.kill()
             process.wait()
+
+
+def test_help_version_and_config_after_the_command(config_file: Path, capsys) -> None:
+    assert main([]) == 2
+    assert "exit codes:" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as version:
+        main(["--version"])
+    assert version.value.code == 0 and capsys.readouterr().out.startswith("gvm ")
+    assert main(["status", "--config", str(config_file)]) == 0
+    assert "no guest started yet" in capsys.readouterr().out
