@@ -104,6 +104,30 @@ class StreamResult:
                 "unparsed": self.unparsed, "host_elapsed_s": self.host_elapsed_s}
 
 
+class SSHLineSource:
+    """The lines of one command run in its own channel of an open SSH connection (a paramiko
+    Transport: `GuestSSH._client.get_transport()`). Closing the channel ends the guest's `cat`."""
+
+    def __init__(self, transport, command: str, timeout_s: float = 30.0):
+        self.channel = transport.open_session(timeout=timeout_s)
+        self.channel.settimeout(timeout_s)     # a guest that stops sending fails, not hangs
+        self.channel.exec_command(command)
+        self._file = self.channel.makefile("r")
+
+    def __iter__(self) -> Iterator[str]:
+        for line in self._file:
+            yield line.decode(errors="replace") if isinstance(line, bytes) else line
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "SSHLineSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def stream_command(rate_hz: int | None = None) -> str:
     """The guest shell command that streams (set the rate first if given). `exec` so that closing
     the channel or Ctrl-C ends `cat` itself, which closes the file and stops the timers."""

@@ -1,0 +1,137 @@
+"""Benchmark: the continuous sampler (/proc/gvm_jiffies_stream) against the round probe, on a
+guest that is already up (`./gvm --config C up`).
+
+1. The stream over one SSH channel for --seconds: readings per second per vCPU, lost readings,
+   and the coherence checks on what came.
+2. The sampler's guest CPU share, measured as lost work: a busy loop pinned on every vCPU counts
+   iterations for --hog-seconds, alternately without and with the stream running (read over SSH,
+   as a run would). share = 1 - with / without, per vCPU; --repeat pairs, median.
+   (Tick-based /proc/stat accounting cannot see a short hrtimer interrupt, so it is not used.)
+3. The round probe (`cat /proc/gvm_jiffies` over SSH, one exec per round) for comparison: rounds,
+   i.e. readings per vCPU, per second.
+
+Usage: .venv/bin/python benchmarks/stream_sampler.py --config C [--run DIR] [--rate 500]
+Prints a table; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from harness import pipeline  # noqa: E402
+from harness.checks.coherence import (ClockBounds, check_coherence,  # noqa: E402
+                                      measure_clock_bounds)
+from harness.config import DEFAULT_CONFIG, load_config  # noqa: E402
+from harness.probes.jiffies import JiffiesProbe  # noqa: E402
+from harness.probes.stream import read_stream, stream_command  # noqa: E402
+from harness.run_folder import RunFolder  # noqa: E402
+
+HOG = ("pids=; for c in $(seq 0 {last}); do taskset -c $c sh -c "
+       "'i=0; trap \"echo cpu=$0 n=\\$i; exit\" TERM; while :; do i=$((i+1)); done' $c & "
+       "pids=\"$pids $!\"; done; sleep {seconds}; kill $pids; wait")
+
+
+def stream_over_ssh(ssh, seconds: float, rate: int | None, vcpus_per_node: int):
+    transport = ssh._client.get_transport()
+    channel = transport.open_session()
+    channel.exec_command(stream_command(rate))
+    lines = channel.makefile("r")
+    try:
+        return read_stream(lines, seconds, vcpus_per_node)
+    finally:
+        channel.close()
+
+
+def hog(ssh, vcpus: int, seconds: float) -> dict[int, int]:
+    output = ssh.run(HOG.format(last=vcpus - 1, seconds=seconds), timeout_s=seconds + 60)
+    counts = {}
+    for line in output.output.splitlines():
+        if line.startswith("cpu="):
+            cpu, n = line.split()
+            counts[int(cpu[4:])] = int(n[2:])
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--run", type=Path)
+    parser.add_argument("--rate", type=int, default=None, help="stream_hz (default: the guest's)")
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--hog-seconds", type=float, default=10)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=20)
+    args = parser.parse_args()
+    config = load_config(args.config)
+    run = RunFolder(args.run.resolve()) if args.run else \
+        RunFolder.newest_with(config.run_root, pipeline.SESSION_FILE)
+    session = pipeline.attach_session(config, run, forwards=False)
+    ssh = session.open_ssh(60)
+    vcpus, per_node, hz = session.record.vcpus, session.record.vcpus_per_node, session.record.hz
+    print(f"guest: {vcpus} vCPUs, HZ={hz}, accel {session.record.accelerator}, run {run.path}")
+    stream_hz = ssh.run("cat /sys/module/gvm_jiffies/parameters/stream_hz").output.strip()
+    print(f"stream_hz before: {stream_hz}")
+
+    # 1. the stream alone
+    result = stream_over_ssh(ssh, args.seconds, args.rate, per_node)
+    summary = result.summary()
+    print(f"\nstream for {result.host_elapsed_s:.1f} s host time: {summary['readings']} readings, "
+          f"{summary['drains']} drains, lost {summary['lost_total']}, "
+          f"unparsed {summary['unparsed_lines']}")
+    for vcpu, row in summary["per_vcpu"].items():
+        print(f"  vCPU {vcpu}: {row['readings_per_s']:8.1f} readings/s of guest time, "
+              f"{row['readings'] / result.host_elapsed_s:8.1f}/s of host time, lost {row['lost']}")
+    widths = sorted(r.width_ns for r in result.readings)
+    print(f"  interval width: p50 {widths[len(widths) // 2] / 1e3:.1f} us, "
+          f"p99 {widths[int(len(widths) * 0.99)] / 1e3:.1f} us, max {widths[-1] / 1e3:.1f} us")
+    clocks = measure_clock_bounds(result.readings, result.drains)
+    print(f"  drain clock bounds (ns): {clocks.ahead}")
+    one = ClockBounds.one_clock({r.node for r in result.readings})
+    for check in check_coherence(result.readings, hz, "ssh-stream", 50, one):
+        print(f"  {check.name:20s} {'PASS' if check.passed else 'FAIL'} {check.measured:g} "
+              f"({check.limit}): {check.detail[:300]}")
+
+    # 2. CPU share by lost work
+    shares: list[float] = []
+    for index in range(args.repeat):
+        without = hog(ssh, vcpus, args.hog_seconds)
+        box: dict = {}
+        thread = threading.Thread(target=lambda: box.update(
+            r=stream_over_ssh(ssh, args.hog_seconds + 4, args.rate, per_node)))
+        thread.start()
+        time.sleep(1.5)
+        with_stream = hog(ssh, vcpus, args.hog_seconds)
+        thread.join()
+        per_vcpu = {c: 1 - with_stream[c] / without[c] for c in without if c in with_stream}
+        share = statistics.mean(per_vcpu.values())
+        shares.append(share)
+        rates = box["r"].readings_per_s() if "r" in box else {}
+        print(f"\nhog pair {index + 1}: without {without}\n             with    {with_stream}"
+              f"\n  lost work per vCPU {({c: round(v * 100, 1) for c, v in per_vcpu.items()})} %,"
+              f" mean {share * 100:.1f} %; stream under hogs: "
+              f"{({c: round(r) for c, r in rates.items()})} readings/s, "
+              f"lost {box['r'].summary()['lost_total'] if 'r' in box else '?'}")
+    print(f"\nsampler guest CPU share (median of {len(shares)}): "
+          f"{statistics.median(shares) * 100:.1f} %  (all: "
+          f"{', '.join(f'{s * 100:.1f}' for s in shares)})")
+
+    # 3. the round probe
+    probe = JiffiesProbe(ssh, "ssh", vcpus, per_node)
+    began = time.monotonic()
+    probe.sample(args.rounds, 0)
+    elapsed = time.monotonic() - began
+    print(f"\nround probe ({probe.method}): {args.rounds} rounds back to back in {elapsed:.2f} s = "
+          f"{args.rounds / elapsed:.1f} readings/s per vCPU (config interval "
+          f"{config.probe.interval_s} s: {1 / config.probe.interval_s:.1f}/s)")
+    ssh.close()
+
+
+if __name__ == "__main__":
+    main()
