@@ -30,7 +30,7 @@ from harness.checks.coherence import (ClockBounds, check_coherence,  # noqa: E40
                                       measure_clock_bounds)
 from harness.config import DEFAULT_CONFIG, load_config  # noqa: E402
 from harness.probes.jiffies import JiffiesProbe  # noqa: E402
-from harness.probes.stream import read_stream, stream_command  # noqa: E402
+from harness.probes.stream import SSHLineSource, read_stream, stream_command  # noqa: E402
 from harness.run_folder import RunFolder  # noqa: E402
 
 HOG = ("pids=; for c in $(seq 0 {last}); do taskset -c $c sh -c "
@@ -39,14 +39,8 @@ HOG = ("pids=; for c in $(seq 0 {last}); do taskset -c $c sh -c "
 
 
 def stream_over_ssh(ssh, seconds: float, rate: int | None, vcpus_per_node: int):
-    transport = ssh._client.get_transport()
-    channel = transport.open_session()
-    channel.exec_command(stream_command(rate))
-    lines = channel.makefile("r")
-    try:
+    with SSHLineSource(ssh._client.get_transport(), stream_command(rate)) as lines:
         return read_stream(lines, seconds, vcpus_per_node)
-    finally:
-        channel.close()
 
 
 def hog(ssh, vcpus: int, seconds: float) -> dict[int, int]:
