@@ -3,10 +3,11 @@ guest that is already up (`./gvm --config C up`).
 
 1. The stream over one SSH channel for --seconds: readings per second per vCPU, lost readings,
    and the coherence checks on what came.
-2. The sampler's guest CPU share, measured as lost work: a busy loop pinned on every vCPU counts
-   iterations for --hog-seconds, alternately without and with the stream running (read over SSH,
-   as a run would). share = 1 - with / without, per vCPU; --repeat pairs, median.
-   (Tick-based /proc/stat accounting cannot see a short hrtimer interrupt, so it is not used.)
+2. The sampler's guest CPU share: the guest's busy fraction (1 - idle time / wall time, per vCPU,
+   from /proc/stat and /proc/uptime over --busy-seconds) with the stream running (read over SSH,
+   as a run would: hrtimer interrupts, the reader `cat` and dropbear all count) minus the same
+   without it; --repeat pairs, median. With NO_HZ the idle column is the CPU's measured idle sleep
+   (ktime), so the sampler's short interrupts show up in it, which tick sampling would miss.
 3. The round probe (`cat /proc/gvm_jiffies` over SSH, one exec per round) for comparison: rounds,
    i.e. readings per vCPU, per second.
 
@@ -33,24 +34,28 @@ from harness.probes.jiffies import JiffiesProbe  # noqa: E402
 from harness.probes.stream import SSHLineSource, read_stream, stream_command  # noqa: E402
 from harness.run_folder import RunFolder  # noqa: E402
 
-HOG = ("pids=; for c in $(seq 0 {last}); do taskset -c $c sh -c "
-       "'i=0; trap \"echo cpu=$0 n=\\$i; exit\" TERM; while :; do i=$((i+1)); done' $c & "
-       "pids=\"$pids $!\"; done; sleep {seconds}; kill $pids; wait")
+BUSY = ("cat /proc/uptime; grep '^cpu[0-9]' /proc/stat; sleep {seconds}; cat /proc/uptime; "
+        "grep '^cpu[0-9]' /proc/stat")
+USER_HZ = 100
 
 
 def stream_over_ssh(ssh, seconds: float, rate: int | None, vcpus_per_node: int):
-    with SSHLineSource(ssh._client.get_transport(), stream_command(rate)) as lines:
+    with SSHLineSource(ssh._client.get_transport(), stream_command(rate, seconds + 10)) as lines:
         return read_stream(lines, seconds, vcpus_per_node)
 
 
-def hog(ssh, vcpus: int, seconds: float) -> dict[int, int]:
-    output = ssh.run(HOG.format(last=vcpus - 1, seconds=seconds), timeout_s=seconds + 60)
-    counts = {}
-    for line in output.output.splitlines():
-        if line.startswith("cpu="):
-            cpu, n = line.split()
-            counts[int(cpu[4:])] = int(n[2:])
-    return counts
+def busy(ssh, seconds: float) -> dict[int, float]:
+    """Per vCPU: the fraction of wall time it was not idle, over `seconds`."""
+    lines = ssh.run(BUSY.format(seconds=seconds), timeout_s=seconds + 60).check("busy").splitlines()
+    half = len(lines) // 2
+    first, second = lines[:half], lines[half:]
+    wall = (float(second[0].split()[0]) - float(first[0].split()[0])) * USER_HZ
+
+    def idle(block: list[str]) -> dict[int, int]:
+        return {int(f[0][3:]): int(f[4]) + int(f[5]) for f in (line.split() for line in block[1:])}
+
+    before, after = idle(first), idle(second)
+    return {cpu: 1 - (after[cpu] - before[cpu]) / wall for cpu in before}
 
 
 def main() -> None:
@@ -59,7 +64,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path)
     parser.add_argument("--rate", type=int, default=None, help="stream_hz (default: the guest's)")
     parser.add_argument("--seconds", type=float, default=20)
-    parser.add_argument("--hog-seconds", type=float, default=10)
+    parser.add_argument("--busy-seconds", type=float, default=10)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
@@ -92,29 +97,28 @@ def main() -> None:
         print(f"  {check.name:20s} {'PASS' if check.passed else 'FAIL'} {check.measured:g} "
               f"({check.limit}): {check.detail[:300]}")
 
-    # 2. CPU share by lost work
+    # 2. CPU share: busy fraction with the stream minus without
     shares: list[float] = []
     for index in range(args.repeat):
-        without = hog(ssh, vcpus, args.hog_seconds)
+        without = busy(ssh, args.busy_seconds)
         box: dict = {}
         thread = threading.Thread(target=lambda: box.update(
-            r=stream_over_ssh(ssh, args.hog_seconds + 4, args.rate, per_node)))
+            r=stream_over_ssh(ssh, args.busy_seconds + 4, args.rate, per_node)))
         thread.start()
-        time.sleep(1.5)
-        with_stream = hog(ssh, vcpus, args.hog_seconds)
+        time.sleep(2)
+        with_stream = busy(ssh, args.busy_seconds)
         thread.join()
-        per_vcpu = {c: 1 - with_stream[c] / without[c] for c in without if c in with_stream}
-        share = statistics.mean(per_vcpu.values())
+        share = statistics.mean(with_stream.values()) - statistics.mean(without.values())
         shares.append(share)
         rates = box["r"].readings_per_s() if "r" in box else {}
-        print(f"\nhog pair {index + 1}: without {without}\n             with    {with_stream}"
-              f"\n  lost work per vCPU {({c: round(v * 100, 1) for c, v in per_vcpu.items()})} %,"
-              f" mean {share * 100:.1f} %; stream under hogs: "
-              f"{({c: round(r) for c, r in rates.items()})} readings/s, "
-              f"lost {box['r'].summary()['lost_total'] if 'r' in box else '?'}")
+        print(f"\npair {index + 1}: busy without stream "
+              f"{ {c: round(v * 100, 2) for c, v in sorted(without.items())} } %, with "
+              f"{ {c: round(v * 100, 2) for c, v in sorted(with_stream.items())} } %: "
+              f"share {share * 100:.2f} % of the guest; stream meanwhile "
+              f"{ {c: round(r) for c, r in rates.items()} } readings/s")
     print(f"\nsampler guest CPU share (median of {len(shares)}): "
-          f"{statistics.median(shares) * 100:.1f} %  (all: "
-          f"{', '.join(f'{s * 100:.1f}' for s in shares)})")
+          f"{statistics.median(shares) * 100:.2f} %  (all: "
+          f"{', '.join(f'{s * 100:.2f}' for s in shares)})")
 
     # 3. the round probe
     probe = JiffiesProbe(ssh, "ssh", vcpus, per_node)

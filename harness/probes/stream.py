@@ -106,11 +106,18 @@ class StreamResult:
 
 class SSHLineSource:
     """The lines of one command run in its own channel of an open SSH connection (a paramiko
-    Transport: `GuestSSH._client.get_transport()`). Closing the channel ends the guest's `cat`."""
+    Transport: `GuestSSH._client.get_transport()`), on a pty.
+
+    Why a pty: closing an exec channel does not end the guest's `cat` (dropbear neither signals
+    it nor closes its pipe at once), and while `cat` holds the stream file open the sampler keeps
+    running and the next reader gets EBUSY. On a pty, `close()` sends Ctrl-C, which ends `cat` at
+    once (the guest closes the file and stops its timers), then closes the channel. The pty turns
+    line ends into CR LF; the parser strips them."""
 
     def __init__(self, transport, command: str, timeout_s: float = 30.0):
         self.channel = transport.open_session(timeout=timeout_s)
         self.channel.settimeout(timeout_s)     # a guest that stops sending fails, not hangs
+        self.channel.get_pty(term="dumb", width=250)
         self.channel.exec_command(command)
         self._file = self.channel.makefile("r")
 
@@ -118,7 +125,18 @@ class SSHLineSource:
         for line in self._file:
             yield line.decode(errors="replace") if isinstance(line, bytes) else line
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 3.0) -> None:
+        if not self.channel.closed:
+            try:
+                self.channel.send(b"\x03")
+                deadline = time.monotonic() + wait_s
+                while not self.channel.exit_status_ready() and time.monotonic() < deadline:
+                    if self.channel.recv_ready():
+                        self.channel.recv(65536)
+                    else:
+                        time.sleep(0.02)
+            except OSError:
+                pass
         self.channel.close()
 
     def __enter__(self) -> "SSHLineSource":
@@ -128,11 +146,13 @@ class SSHLineSource:
         self.close()
 
 
-def stream_command(rate_hz: int | None = None) -> str:
-    """The guest shell command that streams (set the rate first if given). `exec` so that closing
-    the channel or Ctrl-C ends `cat` itself, which closes the file and stops the timers."""
+def stream_command(rate_hz: int | None = None, max_s: float | None = None) -> str:
+    """The guest shell command that streams (set the rate first if given). `exec` so that Ctrl-C
+    on the channel's pty ends `cat` itself, which closes the file and stops the timers; with
+    `max_s`, busybox `timeout` also ends it after that long, whatever happens to the channel."""
     rate = f"echo {int(rate_hz)} > {RATE_PARAMETER} && " if rate_hz else ""
-    return f"{rate}exec cat {STREAM_FILE}"
+    limit = f"timeout -s INT {max(1, int(max_s + 0.999))} " if max_s else ""
+    return f"{rate}exec {limit}cat {STREAM_FILE}"
 
 
 def page_writer_command(period_us: int, vcpu: int | None = None) -> str:

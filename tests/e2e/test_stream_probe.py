@@ -12,7 +12,7 @@ pytestmark = pytest.mark.e2e
 
 
 def stream(guest_ssh, seconds: float, vcpus_per_node: int, rate: int | None = None):
-    with SSHLineSource(guest_ssh._client.get_transport(), stream_command(rate)) as lines:
+    with SSHLineSource(guest_ssh._client.get_transport(), stream_command(rate, seconds + 10)) as lines:
         return read_stream(lines, seconds, vcpus_per_node)
 
 

@@ -70,6 +70,7 @@ def test_commands() -> None:
     assert stream_command() == "exec cat /proc/gvm_jiffies_stream"
     assert stream_command(1000) == ("echo 1000 > /sys/module/gvm_jiffies/parameters/stream_hz && "
                                     "exec cat /proc/gvm_jiffies_stream")
+    assert stream_command(max_s=30.5) == "exec timeout -s INT 31 cat /proc/gvm_jiffies_stream"
     assert page_writer_command(100) == "echo '100' > /proc/gvm_jiffies_page_writer"
     assert page_writer_command(0) == "echo '0' > /proc/gvm_jiffies_page_writer"
     assert page_writer_command(50, vcpu=3) == "echo '50 3' > /proc/gvm_jiffies_page_writer"
