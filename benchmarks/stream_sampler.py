@@ -93,7 +93,7 @@ def main() -> None:
     clocks = measure_clock_bounds(result.readings, result.drains)
     print(f"  drain clock bounds (ns): {clocks.ahead}")
     one = ClockBounds.one_clock({r.node for r in result.readings})
-    for check in check_coherence(result.readings, hz, "ssh-stream", 50, one):
+    for check in check_coherence(result.readings, hz, "ssh-stream", hz, one):
         print(f"  {check.name:20s} {'PASS' if check.passed else 'FAIL'} {check.measured:g} "
               f"({check.limit}): {check.detail[:300]}")
 
