@@ -14,7 +14,7 @@ differences between nodes. Closing the file (ending `cat`, closing the channel) 
 This module does not open anything: `read_stream` takes an already-open `LineSource` (any
 iterable of text lines, e.g. `channel.makefile("r")` of an SSH exec of `stream_command()`, or the
 lines of a serial console) and reads it for `duration_s`. The source must keep yielding (the guest
-sends lines every ~10 ms while sampling); the window is checked after every line.
+sends a batch of lines every ~100 ms while sampling); the window is checked after every line.
 """
 
 from __future__ import annotations
