@@ -14,7 +14,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import paramiko
 
@@ -137,6 +137,16 @@ class GuestSSH:
         return CommandResult(output=output.decode(errors="replace").rstrip("\n"),
                              exit_status=result.exit_status)
 
+    def lines(self, command: str, timeout_s: float = 30.0) -> "SSHLineSource":
+        """`command`'s output line by line as it comes, on a channel of its own (a context
+        manager: leaving it ends the command)."""
+        if self._client is None:
+            raise GuestSSHError("lines() before connect()")
+        transport = self._client.get_transport()
+        if transport is None or not transport.is_active():
+            raise GuestSSHError(f"the SSH connection to {self._where()} is closed")
+        return SSHLineSource(transport, command, timeout_s)
+
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
@@ -161,3 +171,44 @@ class GuestSSH:
     def _where(self) -> str:
         return f"{self.target.user}@{self.target.host}:{self.target.port}"
 
+
+class SSHLineSource:
+    """The lines of one command run in its own channel of an open SSH connection, on a pty
+    (`GuestSSH.lines(command)`).
+
+    Why a pty: closing an exec channel does not end the guest's `cat` (dropbear neither signals
+    it nor closes its pipe at once), and while `cat` holds the stream file open the sampler keeps
+    running and the next reader gets EBUSY. On a pty, `close()` sends Ctrl-C, which ends `cat` at
+    once (the guest closes the file and stops its timers), then closes the channel. The pty turns
+    line ends into CR LF; the parser strips them."""
+
+    def __init__(self, transport: paramiko.Transport, command: str, timeout_s: float = 30.0):
+        self.channel = transport.open_session(timeout=timeout_s)
+        self.channel.settimeout(timeout_s)     # a guest that stops sending fails, not hangs
+        self.channel.get_pty(term="dumb", width=250)
+        self.channel.exec_command(command)
+        self._file = self.channel.makefile("r")
+
+    def __iter__(self) -> Iterator[str]:
+        for line in self._file:
+            yield line.decode(errors="replace") if isinstance(line, bytes) else line
+
+    def close(self, wait_s: float = 3.0) -> None:
+        if not self.channel.closed:
+            try:
+                self.channel.send(b"\x03")
+                deadline = time.monotonic() + wait_s
+                while not self.channel.exit_status_ready() and time.monotonic() < deadline:
+                    if self.channel.recv_ready():
+                        self.channel.recv(65536)
+                    else:
+                        time.sleep(0.02)
+            except OSError:
+                pass
+        self.channel.close()
+
+    def __enter__(self) -> "SSHLineSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
