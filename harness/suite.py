@@ -16,8 +16,11 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import paramiko
 
@@ -29,9 +32,12 @@ from harness.progress import Progress
 from harness.run_folder import RunFolder
 from harness.stages import rootfs
 from harness.stages.guest_kernel import kernel_hz, patch_and_build
-from harness.stages.judge import CheckResult, Verdict, check_samples
+from harness.stages.judge import STREAM, check_samples, check_stream
 from harness.stages.probe import JiffiesProbe, JiffiesSample
-from harness.stages.report import RunContext, plot_skew, verdict_table, write_junit
+from harness.stages.report import RunContext, plot_lag, verdict_table, write_junit
+from harness.stages.stream import STREAM_FILE, StreamResult, read_stream, stream_command
+from harness.stages.verdict import CheckResult, Verdict
+from harness.stages.workloads import start_commands, stop_commands
 from harness.transport.console_log import MarkerTimeout, read_log, wait_for_marker
 from harness.transport.guest_ssh import GuestSSH, SSHTarget
 from harness.transport.serial_console import SerialConsole
@@ -40,6 +46,7 @@ FATAL_CONSOLE = re.compile(r"Kernel panic - not syncing|^\s*BUG: |Oops: |general
                            re.M)
 KERNEL_STARTED = "Linux version "
 SESSION_FILE = "session.json"
+STREAM_SLACK_S = 10  # the guest's `cat` and the workloads end by themselves this long after
 
 
 @dataclass(frozen=True)
@@ -209,25 +216,74 @@ def attach_session(config: ClusterConfig, run: RunFolder, forwards: bool = True)
     return GuestSession(record, guest, run, backend.judged_config(config))
 
 
-def probe_guest(session: GuestSession, progress: Progress) -> list[JiffiesSample]:
+@dataclass(frozen=True)
+class Observation:
+    """Everything the judge reads: each transport's round probes and the continuous stream."""
+
+    samples: list[JiffiesSample]
+    stream: StreamResult | None  # None: no stream asked for, or a guest kernel without one
+
+
+def probe_guest(session: GuestSession, progress: Progress) -> Observation:
     config = session.config
     samples: list[JiffiesSample] = []
+    stream = None
+    with _named_by_blame(session, "ssh"):
+        if config.probe.duration_s > 0:
+            stream = stream_guest(session, progress)
     for transport in config.probe.transports:
-        with progress.step(f"probe jiffies over {transport}: {config.probe.rounds} rounds"):
-            try:
-                runner = session.open_ssh() if transport == "ssh" else session.open_console()
-                probe = JiffiesProbe(runner, transport, session.record.vcpus,
-                                     session.record.vcpus_per_node)
-                progress.say(f"    method: {probe.method}")
-                samples += probe.sample(config.probe.rounds, config.probe.interval_s)
-            except (HarnessError, OSError, EOFError, paramiko.SSHException) as error:
-                session.raise_if_dead()  # a guest that died is named first, by blame
-                if isinstance(error, HarnessError):
-                    raise
-                raise ProbeError(f"probing over {transport} failed while the guest still runs: "
-                                 f"{type(error).__name__}: {error}") from None
+        with progress.step(f"probe jiffies over {transport}: {config.probe.rounds} rounds"), \
+                _named_by_blame(session, transport):
+            runner = session.open_ssh() if transport == "ssh" else session.open_console()
+            probe = JiffiesProbe(runner, transport, session.record.vcpus,
+                                 session.record.vcpus_per_node)
+            progress.say(f"    method: {probe.method}")
+            samples += probe.sample(config.probe.rounds, config.probe.interval_s)
     session.run.write_json("samples.json", [sample.to_dict() for sample in samples])
-    return samples
+    if stream is not None:
+        session.run.write_json("stream.json", stream.to_dict())
+    return Observation(samples, stream)
+
+
+def stream_guest(session: GuestSession, progress: Progress) -> StreamResult | None:
+    """probe.duration_s of /proc/gvm_jiffies_stream over SSH, with the workloads running."""
+    config, record = session.config, session.record
+    ssh = session.open_ssh()
+    if ssh.run(f"test -r {STREAM_FILE}").exit_status != 0:
+        progress.say(f"    no {STREAM_FILE} in this guest kernel: round probes only")
+        return None
+    workloads = config.probe.workloads
+    seconds = config.probe.duration_s
+    with progress.step(f"stream jiffies from every vCPU for {seconds:g}s over SSH"
+                       f"{' with ' + ', '.join(workloads) if workloads else ''}"):
+        for command in start_commands(workloads, record.vcpus, seconds + STREAM_SLACK_S):
+            ssh.run(command).check(command)
+        try:
+            with ssh.lines(stream_command(config.probe.stream_hz or None,
+                                          seconds + STREAM_SLACK_S)) as lines:
+                stream = read_stream(lines, seconds, record.vcpus_per_node)
+        finally:
+            for command in stop_commands(workloads):
+                ssh.run(command)
+    rates = stream.readings_per_s()
+    progress.say(f"    {len(stream.readings)} readings, "
+                 f"{min(rates.values(), default=0):.0f}-{max(rates.values(), default=0):.0f}/s "
+                 f"per vCPU, {sum(stream.lost.values())} lost")
+    return stream
+
+
+@contextmanager
+def _named_by_blame(session: GuestSession, transport: str) -> Iterator[None]:
+    """A transport failing mid-probe: the dead guest is named first (KernelUnderTestError,
+    BootError), else the transport's own error, never a raw socket error."""
+    try:
+        yield
+    except (HarnessError, OSError, EOFError, paramiko.SSHException) as error:
+        session.raise_if_dead()
+        if isinstance(error, HarnessError):
+            raise
+        raise ProbeError(f"probing over {transport} failed while the guest still runs: "
+                         f"{type(error).__name__}: {error}") from None
 
 
 def host_checks(session: GuestSession, progress: Progress) -> list[CheckResult]:
@@ -244,14 +300,18 @@ def host_log_checks(logs: list[HostLog]) -> list[CheckResult]:
             for log in logs]
 
 
-def judge(samples: list[JiffiesSample], hz: int, config: ClusterConfig, run: RunFolder,
-          host_checks: list[CheckResult] | None = None,
-          context: RunContext | None = None) -> Verdict:
-    """The verdict, written as verdict.json, verdict.txt, junit.xml and skew.png."""
-    sample_checks = check_samples(samples, hz, config.checks).checks or (CheckResult(
-        "jiffies samples", "-", False, 0.0, "at least one round", "no samples were taken"),)
-    return write_reports(Verdict(sample_checks + tuple(host_checks or ())), config, run,
-                         samples, hz, context)
+def judge(observation: Observation, hz: int, config: ClusterConfig, run: RunFolder,
+          host_checks: list[CheckResult] | None = None, context: RunContext | None = None,
+          one_clock: bool = True) -> Verdict:
+    """The verdict, written as verdict.json, verdict.txt, junit.xml and lag.png."""
+    checks = list(check_samples(observation.samples, hz, config.checks, one_clock).checks)
+    if observation.stream is not None:
+        checks += check_stream(observation.stream, hz, config.checks, one_clock)
+    if not checks:
+        checks.append(CheckResult("jiffies samples", "-", False, 0.0, "at least one reading",
+                                  "no samples were taken"))
+    return write_reports(Verdict(tuple(checks + list(host_checks or ()))), config, run,
+                         observation, hz, context)
 
 
 def kernel_failure(error: KernelUnderTestError, config: ClusterConfig, run: RunFolder,
@@ -259,18 +319,23 @@ def kernel_failure(error: KernelUnderTestError, config: ClusterConfig, run: RunF
     """A kernel under test that died or never became ready is a FAIL, with its reports."""
     check = CheckResult("guest kernel", "console", False, 1.0,
                         "no panic/Oops/BUG; reaches the ready marker", str(error))
-    return write_reports(Verdict((check,)), config, run, [], 0, context)
+    return write_reports(Verdict((check,)), config, run, Observation([], None), 0, context)
 
 
 def write_reports(verdict: Verdict, config: ClusterConfig, run: RunFolder,
-                  samples: list[JiffiesSample], hz: int,
+                  observation: Observation, hz: int,
                   context: RunContext | None = None) -> Verdict:
     run.write_json("verdict.json", {
         "passed": verdict.passed, "checks": [check.to_dict() for check in verdict.checks],
         "context": context.to_dict() if context is not None else None})
     write_junit(verdict, run.file("junit.xml"), f"gvm-harness.{config.name}", context)
-    if samples:
-        plot_skew(samples, hz, run.file("skew.png"), config.checks.max_skew_ticks, context)
+    series: dict[str, list] = defaultdict(list)
+    for sample in observation.samples:
+        series[sample.transport].append(sample)
+    if observation.stream is not None:
+        series[STREAM] = list(observation.stream.readings)
+    if any(series.values()):
+        plot_lag(series, hz, run.file("lag.png"), config.checks.max_lag_s, verdict, context)
     run.file("verdict.txt").write_text(verdict_table(verdict, context) + "\n")
     return verdict
 
@@ -292,19 +357,24 @@ def host_rates(before: dict[str, dict[str, int]], after: dict[str, dict[str, int
             for host, counters in sorted(after.items()) if seconds > 0}
 
 
-def run_context(session: GuestSession, samples: list[JiffiesSample],
+def run_context(session: GuestSession, observation: Observation,
                 host_load: tuple[float, float],
                 rates: dict[str, dict[str, float]]) -> RunContext:
-    """What this run exercised, from the session, the guest's console and the samples."""
+    """What this run exercised, from the session, the guest's console and the readings."""
     config, record = session.config, session.record
-    span_ns = max((s.host_ns for s in samples), default=0) - \
-        min((s.host_ns for s in samples), default=0)
-    per_vcpu = len(samples) / record.vcpus / (span_ns / 1e9) if span_ns > 0 else 0.0
+    stream, samples = observation.stream, observation.samples
+    if stream is not None and stream.readings:
+        per_vcpu = min(stream.readings_per_s().values())
+    else:
+        span_ns = max((s.host_ns for s in samples), default=0) - \
+            min((s.host_ns for s in samples), default=0)
+        per_vcpu = len(samples) / record.vcpus / (span_ns / 1e9) if span_ns > 0 else 0.0
     return RunContext(
         backend=record.kind, accelerator=session.guest.accelerator, nodes=config.vm.nodes,
         vcpus=record.vcpus, atomic_inc=tuple(atomic_inc_lines(session.kernel_console_log)),
         atomic_inc_mode=config.giantvm.atomic_inc_mode if config.giantvm else None,
-        host_load=host_load, workloads=(), readings_per_s_per_vcpu=round(per_vcpu, 1),
+        host_load=host_load, workloads=config.probe.workloads if stream is not None else (),
+        readings_per_s_per_vcpu=round(per_vcpu, 1),
         host_rates=tuple(f"{host}: " + ", ".join(f"{name} {rate:g}/s"
                                                   for name, rate in counters.items())
                          for host, counters in rates.items() if counters))
@@ -355,22 +425,24 @@ def probe_and_judge(session: GuestSession, progress: Progress, stop: bool) -> Ve
     started = time.monotonic()
     try:
         try:
-            samples = probe_guest(session, progress)
+            observation = probe_guest(session, progress)
             rates = host_rates(counters_before, _counters(session), time.monotonic() - started)
             run.write_json("metrics.json", rates)
         except KernelUnderTestError as error:
-            context = run_context(session, [], (load_before, os.getloadavg()[0]), {})
+            context = run_context(session, Observation([], None),
+                                  (load_before, os.getloadavg()[0]), {})
             return kernel_failure(error, config, run, context)
         finally:
             if stop:
                 session.close()
             else:
                 session.detach()
-        context = run_context(session, samples, (load_before, os.getloadavg()[0]), rates)
+        context = run_context(session, observation, (load_before, os.getloadavg()[0]), rates)
         checks = host_checks(session, progress)  # after the stop: shutdown lines count too
     finally:
         session.detach()
-    return judge(samples, session.record.hz, config, run, checks, context)
+    return judge(observation, session.record.hz, config, run, checks, context,
+                 one_clock=session.guest.one_clock)
 
 
 def probe(config: ClusterConfig, run: RunFolder, progress: Progress) -> Verdict:

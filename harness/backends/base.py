@@ -87,6 +87,11 @@ class RunningGuest(Protocol):
         """The host the guest (its node 0) runs on, for messages."""
 
     @property
+    def one_clock(self) -> bool:
+        """Whether every vCPU reads one guest clock (one QEMU process), so readings of any two
+        vCPUs can be ordered by their timestamps; GiantVM nodes each keep their own."""
+
+    @property
     def pid(self) -> int:
         """The process (group) to name when the user has to stop it by hand."""
 
@@ -129,6 +134,10 @@ class GuestOnBootedHosts(ABC):
     @property
     def where(self) -> str:
         return self.guest.where
+
+    @property
+    def one_clock(self) -> bool:
+        return self.guest.one_clock
 
     def qemu_log_tail(self, lines: int = 10) -> str:
         return self.guest.qemu_log_tail(lines)

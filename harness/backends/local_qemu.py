@@ -87,6 +87,8 @@ class QemuGuest:
     process: LocalProcess
     where: str = "localhost"
 
+    one_clock = True
+
     @property
     def pid(self) -> int:
         return self.process.pid

@@ -242,6 +242,8 @@ class RemoteQemuGuest:
                               shell_socket=Path(self.state.local_shell_socket),
                               ssh_host="127.0.0.1", ssh_port=self.console.local_ssh_port)
 
+    one_clock = True
+
     @property
     def accelerator(self) -> str:
         return self.state.accelerator

@@ -22,7 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Protocol, Sequence
 
-from harness.stages.judge import CheckResult
+from harness.stages.verdict import CheckResult
 
 NS_PER_S = 1_000_000_000
 

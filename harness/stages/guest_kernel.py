@@ -3,7 +3,8 @@ touches the shared cache."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from harness.config import ClusterConfig
@@ -62,12 +63,23 @@ def build_guest_kernel(config: ClusterConfig, prepared: PreparedTree, run: RunFo
         tree=prepared.tree, build_dir=config.cache_dir / "build" /
         f"{prepared.tree.name}-{kernel.base_config}", base_config=kernel.base_config,
         fragments=fragments, jobs=kernel.make_jobs, ccache_dir=config.cache_dir / "ccache")
-    result = build_kernel(spec, run.file("build.log"), progress)
+    result = kept_in_run(build_kernel(spec, run.file("build.log"), progress), run)
     run.write_json("build.json", {**result.to_dict(), "tree": str(prepared.tree),
                                   "version": str(prepared.version),
                                   "series": list(prepared.series.names) if prepared.series else [],
                                   "fragments": [str(f) for f in fragments]})
     return result
+
+
+def kept_in_run(result: KernelBuildResult, run: RunFolder) -> KernelBuildResult:
+    """The bzImage and .config copied into the run folder while the cache lock is held: the
+    shared build directory is another run's to rebuild (with another series) as soon as the lock
+    is free, and the run folder can then boot again what it judged."""
+    bzimage, config = run.file("bzImage"), run.file("kernel.config")
+    shutil.copy2(result.bzimage.path, bzimage)
+    shutil.copy2(result.config.path, config)
+    return replace(result, bzimage=replace(result.bzimage, path=str(bzimage)),
+                   config=replace(result.config, path=str(config)))
 
 
 def patch_and_build(config: ClusterConfig, run: RunFolder,

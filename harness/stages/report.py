@@ -7,9 +7,10 @@ import xml.etree.ElementTree as ElementTree
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
-from harness.stages.judge import Verdict, vcpu_skews
-from harness.stages.probe import JiffiesSample
+from harness.stages.coherence import lag_ticks
+from harness.stages.verdict import Verdict
 
 NS_PER_S = 1_000_000_000
 
@@ -87,31 +88,38 @@ def write_junit(verdict: Verdict, path: Path, suite_name: str,
     ElementTree.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)
 
 
-def plot_skew(samples: list[JiffiesSample], hz: int, path: Path, max_skew_ticks: int,
-              context: RunContext | None = None) -> None:
-    """Skew of every vCPU against its round's median over host time, one panel per transport."""
+def plot_lag(series: dict[str, Sequence], hz: int, path: Path, max_lag_s: float,
+             verdict: Verdict, context: RunContext | None = None) -> None:
+    """Each vCPU's lag (jiffies behind its guest clock) over guest time, one panel per source of
+    readings (each round-probe transport, the stream), with the bound; the title names every
+    failed check, so a FAIL never looks green."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as pyplot
 
-    transports = sorted({s.transport for s in samples})
-    figure, axes = pyplot.subplots(len(transports), 1, figsize=(9, 3.2 * len(transports)),
-                                   squeeze=False, sharex=True)
-    start_ns = min(s.host_ns for s in samples)
-    for axis, transport in zip(axes[:, 0], transports):
-        lines: dict[int, list[tuple[float, float]]] = defaultdict(list)
-        for sample, skew in vcpu_skews([s for s in samples if s.transport == transport], hz):
-            lines[sample.vcpu].append(((sample.host_ns - start_ns) / NS_PER_S, skew))
-        for vcpu, points in sorted(lines.items()):
+    sources = [name for name, readings in sorted(series.items()) if readings]
+    figure, axes = pyplot.subplots(len(sources), 1, figsize=(9, 3.2 * len(sources)),
+                                   squeeze=False)
+    for axis, name in zip(axes[:, 0], sources):
+        readings = series[name]
+        start_ns = min(r.before_ns for r in readings)
+        lines: dict[tuple[int, int], list[tuple[float, float]]] = defaultdict(list)
+        for reading, lag in lag_ticks(readings, hz):
+            lines[(reading.vcpu, reading.node)].append(((reading.before_ns - start_ns) / NS_PER_S,
+                                                        lag))
+        for (vcpu, node), points in sorted(lines.items()):
             points.sort()
-            axis.plot([p[0] for p in points], [p[1] for p in points], marker=".",
-                      label=f"vCPU {vcpu} (node {next(s.node for s in samples if s.vcpu == vcpu)})")
-        for bound in (-max_skew_ticks, max_skew_ticks):
-            axis.axhline(bound, color="red", linestyle="--", linewidth=0.8)
-        axis.set_title(f"jiffies skew per vCPU over {transport}")
-        axis.set_ylabel("ticks vs round median")
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker="." if
+                      len(points) < 200 else None, linewidth=0.8,
+                      label=f"vCPU {vcpu} (node {node})")
+        axis.axhline(max_lag_s * hz, color="red", linestyle="--", linewidth=0.8)
+        failed = [c.name for c in verdict.checks if c.transport == name and not c.passed]
+        axis.set_title(f"lag per vCPU, {name}" + (f": FAILED {', '.join(failed)}" if failed
+                                                  else ": passed"),
+                       color="red" if failed else "black")
+        axis.set_ylabel("ticks behind the clock")
+        axis.set_xlabel("guest time since the first reading (s)")
         axis.legend(fontsize="small", ncol=4)
-    axes[-1, 0].set_xlabel("host time since first sample (s)")
     if context is not None:
         figure.suptitle("\n".join(context.lines()), fontsize="small")
     figure.tight_layout(rect=(0, 0, 1, 0.92 if context is not None else 1))

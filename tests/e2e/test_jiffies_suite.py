@@ -46,10 +46,12 @@ def test_jiffies_coherent_over(transport, cluster, cluster_config, guest_ssh,
 
 
 def test_full_probe_writes_the_run_artifacts(cluster, cluster_config, progress) -> None:
-    samples = suite.probe_guest(cluster, progress)
-    verdict = suite.judge(samples, cluster.record.hz, cluster_config, cluster.run)
+    observation = suite.probe_guest(cluster, progress)
+    assert observation.stream is not None and observation.stream.readings, "the stream ran"
+    verdict = suite.judge(observation, cluster.record.hz, cluster_config, cluster.run)
     assert verdict.passed, [c for c in verdict.checks if not c.passed]
-    for name in ("samples.json", "verdict.json", "junit.xml", "skew.png", "launch.json",
+    for name in ("samples.json", "verdict.json", "junit.xml", "lag.png", "launch.json",
+                 "stream.json",
                  "console-kernel.log", "console-shell.log"):
         assert cluster.run.file(name).stat().st_size > 0, name
     assert cluster.run.file("qemu.log").is_file()  # empty while QEMU has nothing to complain about

@@ -18,9 +18,8 @@ TOUCHED = ("linux-source-6.1/kernel/time", "linux-source-6.1/include/uapi/linux/
 
 @pytest.mark.skipif(not DEBIAN_SOURCE.is_file(), reason=f"needs {DEBIAN_SOURCE} (linux-source-6.1)")
 def test_the_harness_switches_between_shipped_and_faulty_series_and_back(tmp_path) -> None:
-    """Through harness.stages.patches, on the files the series touch from Debian's 6.1 source: every
-    switch reverts the recorded series first (one `git apply --reverse`), so no series may modify
-    a file that it also creates (git 2.39 leaves such a file behind)."""
+    """Through harness.stages.patches, on the files the series touch from Debian's 6.1 source:
+    every switch reverts the recorded series first and leaves the files pristine."""
     (tmp_path / "pristine").mkdir()
     subprocess.run(["tar", "xf", str(DEBIAN_SOURCE), "-C", str(tmp_path / "pristine"), *TOUCHED],
                    check=True)

@@ -19,7 +19,7 @@ from harness.config import load_config
 from harness.progress import Progress
 from harness.run_folder import RunFolder
 from harness.stages import rootfs
-from harness.stages.judge import CheckResult
+from harness.stages.verdict import CheckResult
 from tests.configs import giantvm_config as config_with
 from tests.fakes import fake_hosts, fake_uploads, opener
 from tests.unit.backends.giantvm.test_cluster import good_log
@@ -90,7 +90,7 @@ def test_host_log_checks_join_the_verdict(cluster_run) -> None:
     assert json.loads(run.file("host-dmesg.json").read_text())[1]["host"] == "h1"
 
     passing = CheckResult("x", "ssh", True, 0.0, "", "")
-    verdict = suite.judge([], 250, config, run, [passing])
+    verdict = suite.judge(suite.Observation([], None), 250, config, run, [passing])
     assert not verdict.passed  # no samples is never a pass, whatever the hosts say
     assert [check.name for check in verdict.checks] == ["jiffies samples", "x"]
 

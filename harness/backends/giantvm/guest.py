@@ -137,6 +137,8 @@ class GiantVMGuest:
                               ssh_host="127.0.0.1",
                               ssh_port=self.console.local_ssh_port if self.console else 0)
 
+    one_clock = False  # each node's QEMU keeps its own guest clock
+
     @property
     def pid(self) -> int:
         """Node 0's process group on its host."""

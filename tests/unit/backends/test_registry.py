@@ -33,6 +33,7 @@ class ScriptedGuest:
     pid: int = 0
     stopped: bool = False
     detached: int = field(default=0)
+    one_clock: bool = True
 
     def exit_status(self) -> int | None:
         return 0 if self.stopped else None

@@ -6,7 +6,7 @@ import json
 import xml.etree.ElementTree as ElementTree
 from dataclasses import replace
 
-from harness.stages.judge import CheckResult, Verdict
+from harness.stages.verdict import CheckResult, Verdict
 from harness.stages.report import RunContext, verdict_table, write_junit
 
 ENABLED = RunContext(backend="giantvm", accelerator="kvm", nodes=2, vcpus=2,
