@@ -169,7 +169,8 @@ def boot_guest(config: ClusterConfig, kernel: Path, hz: int, run: RunFolder, pro
             kind=backend.kind, state=asdict(guest.record()),
             access=GuestAccess(credentials.root_password, str(credentials.client_key),
                                credentials.host_key_type, credentials.host_key_base64),
-            vcpus=config.vm.vcpus, vcpus_per_node=config.vm.vcpus_per_node, hz=hz)
+            vcpus=vcpus_brought_up(config.vm.vcpus, boot.cmdline),
+            vcpus_per_node=config.vm.vcpus_per_node, hz=hz)
         run.write_json(SESSION_FILE, asdict(record)).chmod(0o600)  # holds the root password
     except BaseException:
         try:
@@ -187,6 +188,13 @@ def boot_guest(config: ClusterConfig, kernel: Path, hz: int, run: RunFolder, pro
         session.close()
         raise
     return session
+
+
+def vcpus_brought_up(vcpus: int, cmdline: str) -> int:
+    """The vCPUs the guest brings online: `maxcpus=N` leaves the rest offline, and the probes
+    then read the first N (a GiantVM guest whose other nodes only serve memory)."""
+    match = re.search(r"(?:^|\s)maxcpus=(\d+)(?:\s|$)", cmdline)
+    return max(1, min(vcpus, int(match.group(1)))) if match else vcpus
 
 
 def _wait_for_ready(session: GuestSession, timeout_s: float, progress: Progress) -> None:

@@ -158,3 +158,9 @@ def test_host_counters_become_rates_over_the_observation() -> None:
     assert suite.host_rates(before, after, 2.0) == {
         "h0": {"atomic_inc_sent": 250.0, "atomic_inc_stale": 0.0},
         "h1": {"atomic_inc_applied": 0.0}}  # a counter first seen at the end counts from there
+
+
+def test_maxcpus_on_the_guest_command_line_is_how_many_vcpus_are_read() -> None:
+    assert suite.vcpus_brought_up(4, "console=ttyS0 maxcpus=1 panic=-1") == 1
+    assert suite.vcpus_brought_up(2, "maxcpus=8") == 2
+    assert suite.vcpus_brought_up(4, "console=ttyS0 nomaxcpus=1") == 4
