@@ -312,7 +312,8 @@ def judge(observation: Observation, hz: int, config: ClusterConfig, run: RunFold
           host_checks: list[CheckResult] | None = None, context: RunContext | None = None,
           one_clock: bool = True) -> Verdict:
     """The verdict, written as verdict.json, verdict.txt, junit.xml and lag.png."""
-    checks = list(check_samples(observation.samples, hz, config.checks, one_clock).checks)
+    checks = list(check_samples(observation.samples, hz, config.checks, one_clock,
+                                count_ticks=observation.stream is None).checks)
     if observation.stream is not None:
         checks += check_stream(observation.stream, hz, config.checks, one_clock)
     if not checks:

@@ -24,7 +24,7 @@ def run_with(tmp_path: Path, **changes) -> tuple[int, dict, Path]:
     data["probe"].update(rounds=5, duration_s=30, transports=["ssh"])
     for key, value in changes.items():
         section, _, name = key.partition("__")
-        target = data[section]["kernel"] if section == "kernel" else data[section]
+        target = data["guest"]["kernel"] if section == "kernel" else data[section]
         target[name] = value
     config = tmp_path / "faulty.yaml"
     config.write_text(yaml.safe_dump(data))

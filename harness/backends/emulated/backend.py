@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from harness.backends.base import GuestOnBootedHosts, StartSpec
+from harness.backends.base import GuestOnBootedHosts, HostLog, StartSpec
 from harness.backends.emulated.machine import EmulatedHostLauncher, private_links
 from harness.backends.giantvm.backend import GiantVMBackend
 from harness.backends.giantvm.guest import GiantVMGuest
@@ -100,6 +100,7 @@ class EmulatedGuest(GuestOnBootedHosts):
     client_key: str
     known_hosts: str
     qemu_binary: str
+    final_logs: list[HostLog] | None = None  # read as the hosts were stopped
 
     @property
     def pid(self) -> int:
@@ -124,8 +125,20 @@ class EmulatedGuest(GuestOnBootedHosts):
                               self.known_hosts, self.qemu_binary, asdict(self.guest.record()))
 
     def stop_machines(self) -> None:
+        """The hosts' kernel logs are read first: after the nodes stopped (so their DSM shutdown
+        lines count) and before the hosts that hold them are gone."""
+        if self.final_logs is None:
+            try:
+                self.final_logs = self.guest.host_logs()
+            except HarnessError as error:
+                self.final_logs = [HostLog(record.name, "the host's kernel log",
+                                           (f"unreadable: {error}",))
+                                   for record, _ in self.hosts]
         for _, process in self.hosts:
             process.stop()
+
+    def host_logs(self) -> list[HostLog]:
+        return self.final_logs if self.final_logs is not None else self.guest.host_logs()
 
     def detach(self) -> None:
         self.guest.detach()

@@ -74,3 +74,8 @@ def test_the_stream_is_judged_and_a_held_back_vcpu_fails_stale_reads() -> None:
 def test_an_empty_stream_is_a_failure_not_a_pass() -> None:
     (check,) = check_stream(StreamResult(), HZ, LIMITS)
     assert not check.passed and check.name == "stream readings"
+
+
+def test_where_the_stream_counts_ticks_the_rounds_do_not() -> None:
+    checks = check_samples(healthy(), HZ, LIMITS, count_ticks=False).checks
+    assert "ticks counted" not in names(checks) and "stale reads" in names(checks)
