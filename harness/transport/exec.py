@@ -57,6 +57,26 @@ def open_session(transport: paramiko.Transport, deadline: float) -> paramiko.Cha
             time.sleep(OPEN_RETRY_PAUSE_S * attempts)
 
 
+def started_command(transport: paramiko.Transport, command: str,
+                    deadline: float) -> paramiko.Channel:
+    """A channel running `command`. A dropbear just booted on a 1-CPU emulated host has been
+    seen to close a fresh channel instead of running its command ("Channel closed."): that is
+    retried like a refused channel; a lost connection is not."""
+    attempts = 0
+    while True:
+        channel = open_session(transport, deadline)
+        try:
+            channel.exec_command(command)
+            return channel
+        except paramiko.SSHException:
+            channel.close()
+            attempts += 1
+            if not transport.is_active() or attempts == OPEN_RETRIES or \
+                    time.monotonic() + OPEN_RETRY_PAUSE_S * attempts > deadline:
+                raise
+            time.sleep(OPEN_RETRY_PAUSE_S * attempts)
+
+
 class ChannelTimeout(Exception):
     """The command did not finish before its deadline; its channel was closed."""
 
@@ -68,9 +88,8 @@ def exec_on_channel(transport: paramiko.Transport, command: str,
     paramiko's SSHException, OSError and EOFError pass through: each caller names its peer.
     """
     deadline = time.monotonic() + timeout_s
-    channel = open_session(transport, deadline)
+    channel = started_command(transport, command, deadline)
     try:
-        channel.exec_command(command)
         stdout, stderr = bytearray(), bytearray()
         while True:
             while channel.recv_ready():

@@ -66,7 +66,7 @@ def test_a_vcpu_that_reads_an_old_copy_fails_stale_reads_and_is_named(tmp_path) 
 
 def test_a_kernel_that_panics_at_boot_is_a_fail_with_its_panic_line_and_a_junit(tmp_path) -> None:
     status, verdict, run = run_with(
-        tmp_path, guest__cmdline="console=ttyS0 panic=-1 rdinit=/does-not-exist")
+        tmp_path, guest__cmdline="console=ttyS0 panic=-1 rdinit=/nothing init=/nothing")
     assert status == 1
     (check,) = verdict["checks"]
     assert check["name"] == "guest kernel" and "Kernel panic - not syncing" in check["detail"]
