@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import suite  # noqa: E402
+from harness import guest_session, suite  # noqa: E402
 from harness.backends.base import BootSpec  # noqa: E402
 from harness.backends.local_qemu import QemuLauncher  # noqa: E402
 from harness.config import DEFAULT_CONFIG, load_config  # noqa: E402
@@ -69,7 +69,7 @@ def main() -> int:
         raw_run = RunFolder.create(config.run_root, f"{config.name}-benchmark-raw")
         harness_run = RunFolder.create(config.run_root, f"{config.name}-benchmark-harness")
         started = time.monotonic()
-        session = suite.boot_guest(config, kernel, hz, harness_run, progress)
+        session = guest_session.boot_guest(config, kernel, hz, harness_run, progress)
         try:
             ssh = session.open_ssh(300)
             harness_boots.append(time.monotonic() - started)

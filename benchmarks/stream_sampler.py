@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import suite  # noqa: E402
+from harness import guest_session  # noqa: E402
 from harness.stages.coherence import (ClockBounds, check_coherence,  # noqa: E402
                                       measure_clock_bounds)
 from harness.config import DEFAULT_CONFIG, load_config  # noqa: E402
@@ -70,8 +70,8 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(args.config)
     run = RunFolder(args.run.resolve()) if args.run else \
-        RunFolder.newest_with(config.run_root, suite.SESSION_FILE)
-    session = suite.attach_session(config, run, forwards=False)
+        RunFolder.newest_with(config.run_root, guest_session.SESSION_FILE)
+    session = guest_session.attach_session(config, run, forwards=False)
     ssh = session.open_ssh(60)
     vcpus, per_node, hz = session.record.vcpus, session.record.vcpus_per_node, session.record.hz
     print(f"guest: {vcpus} vCPUs, HZ={hz}, accel {session.guest.accelerator}, run {run.path}")

@@ -12,7 +12,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from harness import modelcheck, suite
+from harness import guest_session, modelcheck, suite
 from harness.backends.base import BootSpec
 from harness.backends.bochs.backend import BochsBackend, describe, required_qemu_tree
 from harness.backends.bochs.host import start_bochs_host
@@ -179,7 +179,7 @@ def _status(args: argparse.Namespace, config: ClusterConfig, progress: Progress)
     print(f"guest tree: {tree} (Linux {version})")
     if series is not None:
         print(f"series {series.directory}: {series.status(tree).describe()}")
-    runs = RunFolder.all_with(config.run_root, suite.SESSION_FILE)
+    runs = RunFolder.all_with(config.run_root, guest_session.SESSION_FILE)
     if not runs:
         print("no guest started yet")
     for run in runs:  # every run's guest: one orphaned by a killed harness is not hidden
@@ -189,7 +189,7 @@ def _status(args: argparse.Namespace, config: ClusterConfig, progress: Progress)
 
 def _guest_state(config: ClusterConfig, run: RunFolder) -> str:
     try:
-        session = suite.attach_session(config, run, forwards=False)
+        session = guest_session.attach_session(config, run, forwards=False)
     except HarnessError as error:
         return f"unknown ({error})"
     try:
@@ -230,7 +230,7 @@ def _up(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> 
 
 def _chosen_run(args: argparse.Namespace, config: ClusterConfig) -> RunFolder:
     run = RunFolder(args.run.resolve()) if args.run else \
-        RunFolder.newest_with(config.run_root, suite.SESSION_FILE)
+        RunFolder.newest_with(config.run_root, guest_session.SESSION_FILE)
     if run is None:
         raise HarnessError(f"no guest was started under {config.run_root}; start one with `up`")
     return run
@@ -247,7 +247,7 @@ def _down(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -
         progress.say(f"stopped the guest of {session.run.path}")
         return 0
     failures = 0
-    for run in RunFolder.all_with(config.run_root, suite.SESSION_FILE):
+    for run in RunFolder.all_with(config.run_root, guest_session.SESSION_FILE):
         if not _guest_state(config, run).startswith("guest running"):
             continue
         try:

@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from harness import suite
+from harness import guest_session
 from harness.config import DEFAULT_CONFIG, ClusterConfig, load_config
 from harness.progress import Progress
 from harness.run_folder import RunFolder
@@ -52,12 +52,12 @@ def guest_kernel(cluster_config: ClusterConfig, progress: Progress) -> BuiltGues
 
 @pytest.fixture(scope="session")
 def boot_guest(cluster_config: ClusterConfig, guest_kernel: BuiltGuestKernel,
-               progress: Progress) -> Iterator[Callable[..., suite.GuestSession]]:
-    sessions: list[suite.GuestSession] = []
+               progress: Progress) -> Iterator[Callable[..., guest_session.GuestSession]]:
+    sessions: list[guest_session.GuestSession] = []
 
-    def boot(cmdline: str | None = None) -> suite.GuestSession:
+    def boot(cmdline: str | None = None) -> guest_session.GuestSession:
         run = RunFolder.create(cluster_config.run_root, f"{cluster_config.name}-pytest")
-        session = suite.boot_guest(cluster_config, Path(guest_kernel.build.bzimage.path),
+        session = guest_session.boot_guest(cluster_config, Path(guest_kernel.build.bzimage.path),
                                       guest_kernel.hz, run, progress, cmdline=cmdline)
         sessions.append(session)
         return session
@@ -68,15 +68,15 @@ def boot_guest(cluster_config: ClusterConfig, guest_kernel: BuiltGuestKernel,
 
 
 @pytest.fixture(scope="session")
-def cluster(boot_guest: Callable[..., suite.GuestSession]) -> suite.GuestSession:
+def cluster(boot_guest: Callable[..., guest_session.GuestSession]) -> guest_session.GuestSession:
     return boot_guest()
 
 
 @pytest.fixture
-def guest_console(cluster: suite.GuestSession) -> SerialConsole:
+def guest_console(cluster: guest_session.GuestSession) -> SerialConsole:
     return cluster.open_console()
 
 
 @pytest.fixture
-def guest_ssh(cluster: suite.GuestSession) -> GuestSSH:
+def guest_ssh(cluster: guest_session.GuestSession) -> GuestSSH:
     return cluster.open_ssh()

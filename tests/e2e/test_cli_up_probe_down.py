@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from harness.cli import main
-from harness import suite
+from harness import guest_session
 from harness.config import load_config
 from harness.run_folder import RunFolder
 from tests.configs import shipped_config
@@ -33,4 +33,4 @@ def test_up_status_probe_down(tmp_path: Path, guest_kernel, capsys) -> None:
         assert run.file("junit.xml").is_file()
     finally:
         assert main(arguments + ["down"]) == 0
-    assert suite.attach_session(load_config(config), run).guest.exit_status() is not None
+    assert guest_session.attach_session(load_config(config), run).guest.exit_status() is not None

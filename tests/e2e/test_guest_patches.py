@@ -5,7 +5,7 @@ patched kernel must keep time exactly like an unpatched one."""
 
 import pytest
 
-from harness import suite
+from harness import guest_session, suite
 from harness.stages.judge import check_samples
 from harness.stages.patches import SeriesState
 from harness.stages.probe import KERNEL_PROBE, JiffiesProbe, parse_probe_output
@@ -13,7 +13,7 @@ from harness.stages.probe import KERNEL_PROBE, JiffiesProbe, parse_probe_output
 pytestmark = pytest.mark.e2e
 
 
-def atomic_inc_lines(session: suite.GuestSession) -> list[str]:
+def atomic_inc_lines(session: guest_session.GuestSession) -> list[str]:
     return suite.atomic_inc_lines(session.kernel_console_log)
 
 
@@ -24,7 +24,7 @@ def test_series_for_the_tree_is_applied(guest_kernel) -> None:
     assert (prepared.tree / "kernel/time/timekeeping.c").read_text().count("KVM_HC_ATOMIC_INC")
 
 
-def expected_reason(session: suite.GuestSession, asked: bool) -> str:
+def expected_reason(session: guest_session.GuestSession, asked: bool) -> str:
     if not asked:
         return "ATOMIC_INC: disabled: atomic_inc_jiffies=off"
     if session.guest.accelerator == "tcg":

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from harness import suite
+from harness import guest_session, suite
 from harness.backends import registry
 from harness.backends.base import BootSpec, HostLog
 from harness.backends.giantvm import backend as giantvm_backend
@@ -46,19 +46,19 @@ def cluster_run(tmp_path, monkeypatch):
 
 def test_boot_records_the_cluster_and_a_later_command_stops_every_node(cluster_run) -> None:
     config, events, hosts, run = cluster_run
-    session = suite.boot_guest(config, config.path.parent / "bzImage", 250, run, Progress())
+    session = guest_session.boot_guest(config, config.path.parent / "bzImage", 250, run, Progress())
     assert isinstance(session.guest, GiantVMGuest)
     assert session.guest.accelerator == "kvm" and session.guest.where == "h0"
     assert session.record.kind == "giantvm"
     session.detach()
     assert all(process.alive for host in hosts.values() for process in host.processes.values())
 
-    saved = json.loads(run.file(suite.SESSION_FILE).read_text())
+    saved = json.loads(run.file(guest_session.SESSION_FILE).read_text())
     assert saved["kind"] == "giantvm"
     assert [p["host"] for p in saved["state"]["processes"]] == ["h0", "h1"]
     assert saved["state"]["kernel"] == "/srv/gvm/artifacts/0/bzImage"
 
-    later = suite.attach_session(config, run, forwards=False)
+    later = guest_session.attach_session(config, run, forwards=False)
     assert isinstance(later.guest, GiantVMGuest) and later.guest.exit_status() is None
     later.close()
     assert sorted(event[0] for event in events if event[1] == "stop_detached") == ["h0", "h1"]
@@ -68,16 +68,16 @@ def test_boot_records_the_cluster_and_a_later_command_stops_every_node(cluster_r
 
 def test_a_cluster_session_needs_a_giantvm_config(cluster_run, tmp_path) -> None:
     config, _, _, run = cluster_run
-    session = suite.boot_guest(config, config.path.parent / "bzImage", 250, run, Progress())
+    session = guest_session.boot_guest(config, config.path.parent / "bzImage", 250, run, Progress())
     session.close()
     with pytest.raises(Exception, match="started a GiantVM cluster, but .*local.yaml does not "
                                         "describe one"):
-        suite.attach_session(load_config(), run)
+        guest_session.attach_session(load_config(), run)
 
 
 def test_host_log_checks_join_the_verdict(cluster_run) -> None:
     config, _, hosts, run = cluster_run
-    session = suite.boot_guest(config, config.path.parent / "bzImage", 250, run, Progress())
+    session = guest_session.boot_guest(config, config.path.parent / "bzImage", 250, run, Progress())
     hosts["h1"].dmesg += "[  101.0] kvm-dsm: DEADLOCK while fetching gfn 0x1234\n"
     try:
         checks = suite.host_log_checks(session.guest.host_logs())
@@ -121,15 +121,15 @@ class _BrokenRunner:
         raise ConnectionResetError(104, "Connection reset by peer")
 
 
-def _session_with(tmp_path, exit_status, console: str) -> suite.GuestSession:
+def _session_with(tmp_path, exit_status, console: str) -> guest_session.GuestSession:
     from tests.unit.backends.test_registry import ScriptedGuest
     from harness.backends.base import GuestEndpoints
     log = tmp_path / "console-kernel.log"
     log.write_text(console)
     guest = ScriptedGuest(GuestEndpoints(log, tmp_path / "sock", "127.0.0.1", 1))
     guest.exit_status = lambda: exit_status  # type: ignore[method-assign]
-    record = suite.SessionRecord("scripted", {}, suite.GuestAccess("pw", "k", "t", "b"), 2, 2, 250)
-    session = suite.GuestSession(record, guest, RunFolder(tmp_path), load_config())
+    record = guest_session.SessionRecord("scripted", {}, guest_session.GuestAccess("pw", "k", "t", "b"), 2, 2, 250)
+    session = guest_session.GuestSession(record, guest, RunFolder(tmp_path), load_config())
     session.open_ssh = lambda timeout_s=None: _BrokenRunner()  # type: ignore[method-assign]
     return session
 
@@ -161,6 +161,6 @@ def test_host_counters_become_rates_over_the_observation() -> None:
 
 
 def test_maxcpus_on_the_guest_command_line_is_how_many_vcpus_are_read() -> None:
-    assert suite.vcpus_brought_up(4, "console=ttyS0 maxcpus=1 panic=-1") == 1
-    assert suite.vcpus_brought_up(2, "maxcpus=8") == 2
-    assert suite.vcpus_brought_up(4, "console=ttyS0 nomaxcpus=1") == 4
+    assert guest_session.vcpus_brought_up(4, "console=ttyS0 maxcpus=1 panic=-1") == 1
+    assert guest_session.vcpus_brought_up(2, "maxcpus=8") == 2
+    assert guest_session.vcpus_brought_up(4, "console=ttyS0 nomaxcpus=1") == 4

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import suite
+from harness import guest_session, suite
 from harness.backends import registry
 from harness.backends.base import GuestEndpoints, HostLog, StartSpec
 from harness.config import load_config
@@ -89,14 +89,14 @@ def scripted(monkeypatch, tmp_path):
 
 def test_a_new_backend_plugs_in_with_one_registry_line(scripted, tmp_path) -> None:
     config, run = scripted
-    session = suite.boot_guest(config, tmp_path / "bzImage", 250, run, Progress())
+    session = guest_session.boot_guest(config, tmp_path / "bzImage", 250, run, Progress())
     assert isinstance(session.guest, ScriptedGuest)
     assert session.config.timeouts.boot_s == 5  # the backend's judged config
-    saved = json.loads(run.file(suite.SESSION_FILE).read_text())
+    saved = json.loads(run.file(guest_session.SESSION_FILE).read_text())
     assert saved["kind"] == "scripted"
     assert saved["state"] == {"console": str(run.file("console-kernel.log"))}
-    assert run.file(suite.SESSION_FILE).stat().st_mode & 0o077 == 0
-    later = suite.attach_session(config, run)
+    assert run.file(guest_session.SESSION_FILE).stat().st_mode & 0o077 == 0
+    later = guest_session.attach_session(config, run)
     assert isinstance(later.guest, ScriptedGuest)
     assert suite.host_checks(later, Progress())[0].passed
     suite.down(config, run)
