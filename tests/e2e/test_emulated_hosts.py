@@ -71,7 +71,8 @@ def test_both_methods_give_a_passing_verdict_with_atomic_inc_on(tmp_path, mode) 
 
 def test_the_page_ping_pong_baseline_gives_a_verdict(tmp_path) -> None:
     config = emulated_config(tmp_path, guest__cmdline="console=ttyS0 panic=-1 "
-                                                     "atomic_inc_jiffies=off random.trust_cpu=on")
+                                                     "atomic_inc_jiffies=off random.trust_cpu=on "
+                                                     "maxcpus=1")
     try:
         status = main(["--config", str(config), "run"])
         verdict = verdict_of(tmp_path)
