@@ -193,11 +193,16 @@ def _guest_state(config: ClusterConfig, run: RunFolder) -> str:
     except HarnessError as error:
         return f"unknown ({error})"
     try:
+        return _describe(session)
+    finally:
+        session.detach()
+
+
+def _describe(session: guest_session.GuestSession) -> str:
+    try:
         alive = session.guest.exit_status() is None
     except HarnessError as error:
         return f"unknown ({error})"
-    finally:
-        session.detach()
     return (f"guest {'running' if alive else 'stopped'} on {session.guest.where} "
             f"(pid {session.guest.pid})")
 
@@ -248,10 +253,15 @@ def _down(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -
         return 0
     failures = 0
     for run in RunFolder.all_with(config.run_root, guest_session.SESSION_FILE):
-        if not _guest_state(config, run).startswith("guest running"):
+        try:  # one attach per run: the state is read and the guest stopped on it
+            session = guest_session.attach_session(config, run, forwards=False)
+        except HarnessError:
+            continue  # another config's run, or not one this harness wrote: `status` names it
+        if not _describe(session).startswith("guest running"):
+            session.detach()
             continue
         try:
-            suite.down(config, run)
+            session.close()
             progress.say(f"stopped the guest of {run.path}")
         except HarnessError as error:
             failures += 1

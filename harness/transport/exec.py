@@ -41,35 +41,22 @@ OPEN_RETRIES = 5
 OPEN_RETRY_PAUSE_S = 0.5
 
 
-def open_session(transport: paramiko.Transport, deadline: float) -> paramiko.Channel:
-    """A session channel. A busy server (dropbear on an emulated host under load) may refuse a
-    channel while it still closes the previous ones; that is retried a few times before the
-    deadline, a lost connection is not."""
-    attempts = 0
-    while True:
-        try:
-            return transport.open_session(timeout=max(1.0, deadline - time.monotonic()))
-        except paramiko.SSHException:
-            attempts += 1
-            if not transport.is_active() or attempts == OPEN_RETRIES or \
-                    time.monotonic() + OPEN_RETRY_PAUSE_S * attempts > deadline:
-                raise
-            time.sleep(OPEN_RETRY_PAUSE_S * attempts)
-
-
 def started_command(transport: paramiko.Transport, command: str,
                     deadline: float) -> paramiko.Channel:
-    """A channel running `command`. A dropbear just booted on a 1-CPU emulated host has been
-    seen to close a fresh channel instead of running its command ("Channel closed."): that is
-    retried like a refused channel; a lost connection is not."""
+    """A channel running `command`. A busy server (dropbear on an emulated host under load, or
+    just booted on one CPU) may refuse a channel while it still closes the previous ones, or
+    close a fresh one instead of running its command ("Channel closed."); either is retried a few
+    times before the deadline, a lost connection is not. The command never ran in either case."""
     attempts = 0
     while True:
-        channel = open_session(transport, deadline)
+        channel = None
         try:
+            channel = transport.open_session(timeout=max(1.0, deadline - time.monotonic()))
             channel.exec_command(command)
             return channel
         except paramiko.SSHException:
-            channel.close()
+            if channel is not None:
+                channel.close()
             attempts += 1
             if not transport.is_active() or attempts == OPEN_RETRIES or \
                     time.monotonic() + OPEN_RETRY_PAUSE_S * attempts > deadline:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 from harness.transport.console_log import TAIL_LINES
-from harness.transport.remote_host import DetachedProcess, RemoteHostError, RemoteResult
+from harness.transport.remote_host import RemoteHostError, RemoteResult
 
 STATUS_CACHE_S = 0.5  # exit_status() asks the host at most this often
 
@@ -72,11 +72,6 @@ class RemoteProcess:
     _status: int | None = field(default=None, init=False, repr=False)
     _checked_at: float = field(default=float("-inf"), init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
-
-    @classmethod
-    def started(cls, host: ProcessHost, process: DetachedProcess, exit_file: str,
-                as_root: bool = False) -> RemoteProcess:
-        return cls(host, process.name, process.pid, process.log_file, exit_file, as_root)
 
     @property
     def where(self) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.errors import BootError
-from harness.transport.console_log import MarkerTimeout, read_log, wait_for_marker
+from harness.transport.console_log import MarkerTimeout, wait_for_marker
 from harness.transport.local_process import LocalProcess, run_captured
 
 CPU_MODEL = "corei7_haswell_4770"  # Haswell: VMX with EPT, VPID, unrestricted guest
@@ -162,9 +162,6 @@ class BochsProcess:
 
     def exit_status(self) -> int | None:
         return self.process.exit_status()
-
-    def serial_text(self) -> str:
-        return read_log(self.serial_log)
 
     def wait_for(self, marker: str, timeout_s: float) -> float:
         """Seconds from the start until `marker` is on COM1; fail fast if Bochs exits."""

@@ -180,10 +180,10 @@ class EmulatedBackend:
         remotes: list[RemoteHost] = []
         try:
             for name, launcher in zip(names, launchers):  # all boot at once
-                started.append((EmulatedHostRecord(name, 0, launcher.ssh_port,
+                process = _start(launcher)
+                started.append((EmulatedHostRecord(name, process.pid, launcher.ssh_port,
                                                    str(launcher.console_log),
-                                                   str(launcher.qemu_log)), _start(launcher)))
-                started[-1] = (replace(started[-1][0], pid=started[-1][1].pid), started[-1][1])
+                                                   str(launcher.qemu_log)), process))
             for record, process in started:
                 remotes.append(self._log_in(record, process, initramfs, emulated, progress))
             with progress.step(f"upload the GiantVM QEMU in {emulated.qemu_tree} to "

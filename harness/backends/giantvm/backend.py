@@ -19,6 +19,7 @@ from harness.backends.giantvm.guest import ClusterRecord, GiantVMGuest, start_gu
 from harness.backends.giantvm.lines import GiantVMLauncher, NodePlacement
 from harness.config import ClusterConfig
 from harness.errors import HarnessError
+from harness.hostkvm.modules import ATOMIC_INC_PARAM
 from harness.hosts import OpenHost, close_hosts, connect_node_hosts, giantvm_of, node_hosts, \
     open_host
 from harness.run_folder import RunFolder
@@ -27,7 +28,6 @@ from harness.transport.remote_host import RemoteHost
 from harness.transport.parallel import on_hosts
 
 NODE_RUNS = "runs"  # under the hosts' work_dir: runs/<run id>/node<i>
-ATOMIC_INC_PARAM = "atomic_inc_mode"  # only the patched kvm.ko has it (host_patches/README.md)
 MODE_FILE = f"/sys/module/kvm/parameters/{ATOMIC_INC_PARAM}"
 
 
