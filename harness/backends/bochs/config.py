@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.config import BackendSection, ClusterConfig, Section, required_path
+from harness.config import BackendSection, ClusterConfig
+from harness.yaml_section import Section, required_path
 from harness.errors import HarnessError
 
 CLOCK_SYNCS = ("slowdown", "realtime", "both", "none")  # Bochs' `clock: sync=`

@@ -19,7 +19,8 @@ from harness.backends.giantvm.backend import GiantVMBackend
 from harness.backends.giantvm.guest import GiantVMGuest
 from harness.backends.emulated.config import EmulatedHostsConfig, is_emulated
 from harness.backends.giantvm.config import giantvm_of
-from harness.config import ClusterConfig, HostConfig, unexpanded
+from harness.config import ClusterConfig, HostConfig
+from harness.yaml_section import unexpanded
 from harness.errors import BootError, HarnessError
 from harness.hosts import close_hosts, log_in_to_booted_host
 from harness.run_folder import RunFolder

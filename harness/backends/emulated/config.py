@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.config import BackendSection, ClusterConfig, HostConfig, Section, required_path
+from harness.config import BackendSection, ClusterConfig, HostConfig
+from harness.yaml_section import Section, required_path
 
 EMULATED = "emulated"  # a host's address when the harness boots it
 

@@ -8,7 +8,8 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.config import BackendSection, ClusterConfig, HostConfig, Section, required_path
+from harness.config import BackendSection, ClusterConfig, HostConfig
+from harness.yaml_section import Section, required_path
 from harness.errors import ConfigError, HarnessError
 
 LAUNCHER = "giantvm"  # vm.launcher

@@ -18,7 +18,8 @@ from harness.backends import registry
 from harness.backends.base import BackendCommand, GuestEndpoints, HostLog, StartSpec
 from harness.backends.registry import Registration, load_config
 from harness.cli import main
-from harness.config import BackendSection, Section
+from harness.config import BackendSection
+from harness.yaml_section import Section
 from harness.errors import ConfigError, HarnessError
 from harness.progress import Progress
 from harness.run_folder import RunFolder
