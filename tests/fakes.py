@@ -23,20 +23,6 @@ class FakeForward:
         self.closed = True
 
 
-class Forwarding:
-    """RemoteHost's forwards for a fake host: recorded in `self.forwards`, never opened."""
-
-    forwards: list
-
-    def forward(self, target, local_port=0, local_path=None) -> FakeForward:
-        forward = FakeForward(target, 0 if local_path else local_port or 45678, local_path)
-        self.forwards.append(forward)
-        return forward
-
-    def open_channel_to(self, target, origin=("127.0.0.1", 0), timeout_s=10.0):
-        raise RemoteHostError("not in this test")
-
-
 class FakeClock:
     """`clock()` reads it; `clock.sleep(s)` advances it instantly and records the sleep."""
 
@@ -86,7 +72,7 @@ class FakeProcess:
 
 
 @dataclass
-class FakeHost(Forwarding):
+class FakeHost:
     """A host that runs QEMU (a stock one or GiantVM nodes): records every call as (host, call,
     ...) in `events`, which several hosts may share, and answers from a script."""
 
@@ -121,6 +107,15 @@ class FakeHost(Forwarding):
 
     def kinds(self) -> list[str]:
         return [call[0] for call in self.calls]
+
+    def forward(self, target, local_port=0, local_path=None) -> FakeForward:
+        """Recorded in `forwards`, never opened."""
+        forward = FakeForward(target, 0 if local_path else local_port or 45678, local_path)
+        self.forwards.append(forward)
+        return forward
+
+    def open_channel_to(self, target, origin=("127.0.0.1", 0), timeout_s=10.0):
+        raise RemoteHostError("not in this test")
 
     def _call(self, *what) -> None:
         self.events.append((self.name, *what))
