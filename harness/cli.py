@@ -168,7 +168,9 @@ def _patch_locked(args: argparse.Namespace, config: ClusterConfig, progress: Pro
             progress.say("no guest series configured; nothing to revert")
             return 0
         reverted = series.revert(tree)
-        progress.say(f"reverted: {', '.join(reverted) or 'nothing was applied'}")
+        progress.say(f"reverted: {', '.join(reverted.names) or 'nothing was applied'}")
+        if reverted.kept_edits is not None:
+            progress.say(f"    your edited versions of the files it touches: {reverted.kept_edits}")
         return 0
     prepare_guest_tree(config, progress)
     return 0
