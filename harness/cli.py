@@ -211,19 +211,21 @@ def _describe(session: guest_session.GuestSession) -> str:
 
 def _build(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
     run = RunFolder.create(config.run_root, config.name)
-    suite.build_guest(config, run, progress)
+    with run.noting_failure():
+        suite.build_guest(config, run, progress)
     progress.say(f"run folder: {run.path}")
     return 0
 
 
 def _up(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
     run = RunFolder.create(config.run_root, config.name)
-    session = suite.up(config, run, progress)
-    try:
-        session.open_ssh()
-    except BaseException:
-        session.close()
-        raise
+    with run.noting_failure():
+        session = suite.up(config, run, progress)
+        try:
+            session.open_ssh()
+        except BaseException:
+            session.close()
+            raise
     session.detach()
     progress.say(f"guest is up on {session.guest.where} (pid {session.guest.pid}); "
                  f"run folder: {run.path}")
@@ -273,7 +275,9 @@ def _down(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -
 
 def _run(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
     run = RunFolder.create(config.run_root, config.name)
-    return _report(suite.run_suite(config, run, progress, keep=args.keep), run)
+    with run.noting_failure():
+        verdict = suite.run_suite(config, run, progress, keep=args.keep)
+    return _report(verdict, run)
 
 
 def _deploy(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
