@@ -160,7 +160,9 @@ def _patch_locked(args: argparse.Namespace, config: ClusterConfig, progress: Pro
             progress.say("no guest series configured; nothing to revert")
             return 0
         reverted = series.revert(tree)
-        progress.say(f"reverted: {', '.join(reverted) or 'nothing was applied'}")
+        progress.say(f"reverted: {', '.join(reverted.names) or 'nothing was applied'}")
+        if reverted.kept_edits is not None:
+            progress.say(f"    your edited versions of the files it touches: {reverted.kept_edits}")
         return 0
     prepare_guest_tree(config, progress)
     return 0
@@ -201,19 +203,21 @@ def _describe(session: guest_session.GuestSession) -> str:
 
 def _build(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
     run = RunFolder.create(config.run_root, config.name)
-    suite.build_guest(config, run, progress)
+    with run.noting_failure():
+        suite.build_guest(config, run, progress)
     progress.say(f"run folder: {run.path}")
     return 0
 
 
 def _up(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
     run = RunFolder.create(config.run_root, config.name)
-    session = suite.up(config, run, progress)
-    try:
-        session.open_ssh()
-    except BaseException:
-        session.close()
-        raise
+    with run.noting_failure():
+        session = suite.up(config, run, progress)
+        try:
+            session.open_ssh()
+        except BaseException:
+            session.close()
+            raise
     session.detach()
     progress.say(f"guest is up on {session.guest.where} (pid {session.guest.pid}); "
                  f"run folder: {run.path}")
@@ -262,7 +266,9 @@ def _down(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -
 
 def _run(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
     run = RunFolder.create(config.run_root, config.name)
-    return _report(suite.run_suite(config, run, progress, keep=args.keep), run)
+    with run.noting_failure():
+        verdict = suite.run_suite(config, run, progress, keep=args.keep)
+    return _report(verdict, run)
 
 
 def _backend_command(command: BackendCommand, backend: Backend):

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from harness.errors import HarnessError, KernelUnderTestError
+
+OUTCOME_FILE = "outcome.txt"
 
 
 @dataclass(frozen=True)
@@ -52,3 +58,19 @@ class RunFolder:
 
     def read_json(self, name: str) -> Any:
         return json.loads(self.file(name).read_text())
+
+    @contextmanager
+    def noting_failure(self) -> Iterator[None]:
+        """A command that is interrupted or fails says so in its run folder (outcome.txt) as
+        well as on the terminal, so the folder alone tells what happened to the run."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.file(OUTCOME_FILE).write_text(
+                f"interrupted (Ctrl-C or SIGTERM) at {time.strftime('%H:%M:%S')}: every QEMU "
+                "this command started was stopped\n")
+            raise
+        except HarnessError as error:
+            blame = "FAIL" if isinstance(error, KernelUnderTestError) else "error"
+            self.file(OUTCOME_FILE).write_text(f"{blame}: {error}\n")
+            raise

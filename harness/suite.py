@@ -27,6 +27,7 @@ from harness.backends.base import Backend, HostLog
 from harness.backends.registry import backend_for, backend_named
 from harness.config import ClusterConfig
 from harness.errors import HarnessError, KernelUnderTestError, ProbeError
+from harness.hosts import preflight_hosts, remote_hosts_used
 from harness.progress import Progress
 from harness.run_folder import RunFolder
 from harness.stages.guest_kernel import kernel_hz, patch_and_build
@@ -207,6 +208,13 @@ def run_context(session: GuestSession, observation: Observation,
                          for host, counters in rates.items() if counters))
 
 
+def reach_hosts(config: ClusterConfig, progress: Progress) -> None:
+    """Every remote host the guest runs on answers before anything is built."""
+    if remote_hosts_used(config):
+        with progress.step("log in to the remote hosts before building"):
+            preflight_hosts(config)
+
+
 def build_guest(config: ClusterConfig, run: RunFolder, progress: Progress) -> tuple[Path, int]:
     """The patched guest kernel's bzImage and its CONFIG_HZ."""
     _, result = patch_and_build(config, run, progress)
@@ -221,6 +229,7 @@ def announce(session: GuestSession, progress: Progress) -> None:
 
 def up(config: ClusterConfig, run: RunFolder, progress: Progress) -> GuestSession:
     """Build, start and wait for the guest; the session is still attached."""
+    reach_hosts(config, progress)
     kernel, hz = build_guest(config, run, progress)
     session = boot_guest(config, kernel, hz, run, progress)
     announce(session, progress)
@@ -230,6 +239,8 @@ def up(config: ClusterConfig, run: RunFolder, progress: Progress) -> GuestSessio
 def run_suite(config: ClusterConfig, run: RunFolder, progress: Progress, keep: bool = False,
               backend: Backend | None = None) -> Verdict:
     """Everything, in order; `keep` leaves the guest running afterwards."""
+    if backend is None:  # a backend named by the command brings its own machines
+        reach_hosts(config, progress)
     kernel, hz = build_guest(config, run, progress)
     return boot_and_judge(config, kernel, hz, run, progress, keep, backend)
 

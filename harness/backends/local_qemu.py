@@ -129,7 +129,8 @@ class QemuGuest:
         return self.process.log_tail(lines)
 
     def detach(self) -> None:
-        """Nothing to close: a later command finds QEMU by its pid."""
+        """QEMU is left running on purpose: a later command finds it by its pid."""
+        self.process.untether()
 
     def stop(self) -> None:
         self.process.stop()

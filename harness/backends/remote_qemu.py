@@ -27,7 +27,8 @@ from harness.config import STOCK_LAUNCHER, ClusterConfig
 from harness.errors import BootError, HarnessError
 from harness.hosts import connect_host
 from harness.run_folder import RunFolder
-from harness.transport.artifacts import ARTIFACT_DIR, artifact_path, sha256_file, upload_file
+from harness.transport.artifacts import (ARTIFACT_DIR, artifact_path, remove_secret, sha256_file,
+                                        upload_file)
 from harness.transport.remote_console import ConsoleTail, RemoteConsole, RemotePlaces
 from harness.transport.remote_host import DetachedProcess, RemoteHost, RemoteHostError
 from harness.transport.remote_process import RemoteProcess, exit_recording_argv
@@ -89,6 +90,7 @@ class RemoteGuestState:
     local_console_log: str
     local_shell_socket: str
     local_ssh_port: int  # asked for; 0: any free port (the guest's endpoints say which)
+    remote_initrd: str = ""  # this run's initramfs on the host, removed at stop ("": older runs)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -187,7 +189,8 @@ class RemoteQemuLauncher:
             remote_shell_socket=str(remote.shell_socket), remote_ssh_port=self.remote_ssh_port,
             remote_qemu_log=process.log_file,
             exit_file=self.exit_file, local_console_log=str(local.kernel_console_log),
-            local_shell_socket=str(local.shell_socket), local_ssh_port=self.local_ssh_port)
+            local_shell_socket=str(local.shell_socket), local_ssh_port=self.local_ssh_port,
+            remote_initrd=self.remote_initrd)
 
     def start(self) -> RemoteQemuGuest:
         host = self.host
@@ -330,21 +333,23 @@ class RemoteQemuGuest:
         self.host.close()
 
     def stop(self) -> None:
-        """Stop QEMU's process group on the host (TERM, then KILL), the forwards and the tail.
+        """Stop QEMU's process group on the host (TERM, then KILL), the forwards and the tail,
+        then remove this run's initramfs (the guest's keys) from the host.
 
         Safe to call twice. If the host cannot be reached, the local side is still closed and a
         RemoteHostError says how to stop QEMU by hand; a later call tries again.
         """
         self.close_local()
-        if self.process.stop_outcome is not None:
-            return
-        try:
-            self.process.stop()
-        except RemoteHostError as error:
-            raise RemoteHostError(f"could not stop QEMU on {self.host.spec.where}: {error}") \
-                from None
-        self.console.poll()  # the last lines QEMU wrote
-        self.process.copy_log(Path(self.state.local_console_log).parent / QEMU_LOG)
+        if self.process.stop_outcome is None:
+            try:
+                self.process.stop()
+            except RemoteHostError as error:
+                raise RemoteHostError(f"could not stop QEMU on {self.host.spec.where}: "
+                                      f"{error}") from None
+            self.console.poll()  # the last lines QEMU wrote
+            self.process.copy_log(Path(self.state.local_console_log).parent / QEMU_LOG)
+        if self.state.remote_initrd:
+            remove_secret(self.host, self.state.remote_initrd)
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,10 @@ kernel tree in place, and every run builds into the same build directory, so two
 (a user's `./gvm run` beside `./gvm test`) would patch and build over each other.
 
 An exclusive flock(2) on `<cache>/lock` is held while a run patches and builds; the kernel drops
-it when the holder exits, however it exits, so a crashed run never leaves the cache locked. A
-second run waits and says for whom.
+it when the holder exits, however it exits, so a crashed run never leaves the cache locked. The
+build's make inherits the lock's descriptor, so a killed run's compilers (stopped by its tether,
+transport/local_process.py) hold the lock until the last of them has exited. A second run waits
+and says for whom.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from harness.progress import Progress
+from harness.transport.local_process import inherited_by_builds
 
 LOCK_FILE = "lock"
 
@@ -36,6 +39,7 @@ def cache_lock(cache_dir: Path, progress: Progress) -> Iterator[None]:
         lock.write(f"{os.getpid()}\n")
         lock.flush()
         try:
-            yield
+            with inherited_by_builds(lock.fileno()):  # a killed run's make keeps it locked
+                yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)

@@ -12,19 +12,28 @@ order is refused ("has been renamed/deleted"). So a revert undoes one patch at a
 on a scratch copy of the files the series touches, and only when every step worked there are the
 results copied over the tree's files (or the files removed).
 
-What is applied is recorded inside the tree (`.gvm-harness/applied/`: the series order and a copy
-of every patch), so a tree is never patched twice and the recorded series can be reverted even after
-the patch files in the repository have changed.
+What is applied is recorded inside the tree (`.gvm-harness/applied/`: the series order, a copy
+of every patch, and under `result/` a copy of every file the series touches as the series left it),
+so a tree is never patched twice, the recorded series can be reverted even after the patch files in
+the repository have changed, and a hand edit in a file the series touches is found before it is
+built and judged under the series' name (`status` names it, `apply` refuses). `revert` puts such
+files back as the series made them first, keeping the edited versions in a folder beside the tree.
+A tree recorded before the copies were kept gets them derived on a scratch copy (revert, apply).
 """
 
 from __future__ import annotations
 
 import enum
+import filecmp
 import hashlib
 import os
 import re
 import shutil
 import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +41,8 @@ from harness.errors import PatchError
 
 RECORD_DIR = Path(".gvm-harness") / "applied"
 RECORD_INDEX = "series"
+RESULT_DIR = "result"  # in RECORD_DIR: the touched files as the series left them
+RESTORE_COMMAND = "./gvm patch --revert"  # with the run's --config
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,7 @@ class Patch:
 class SeriesState(enum.Enum):
     NOT_APPLIED = "not applied"
     APPLIED = "applied"
+    APPLIED_CHANGED = "applied, but files it touches were changed since"
     APPLIED_UNRECORDED = "applied, but not by the harness"
     OTHER_SERIES_APPLIED = "another series is applied"
 
@@ -55,11 +67,21 @@ class SeriesState(enum.Enum):
 class SeriesStatus:
     state: SeriesState
     applied_names: tuple[str, ...]
+    changed_files: tuple[str, ...] = ()
 
     def describe(self) -> str:
+        text = self.state.value
         if self.applied_names:
-            return f"{self.state.value}: {', '.join(self.applied_names)}"
-        return self.state.value
+            text += f": {', '.join(self.applied_names)}"
+        if self.changed_files:
+            text += f"; changed: {', '.join(self.changed_files)} (`{RESTORE_COMMAND}` restores)"
+        return text
+
+
+@dataclass(frozen=True)
+class Reverted:
+    names: tuple[str, ...]
+    kept_edits: Path | None  # where the hand-edited versions of touched files went, if any
 
 
 @dataclass(frozen=True)
@@ -105,7 +127,9 @@ class PatchSeries:
         recorded = _read_record(tree)
         if recorded:
             if [(p.name, p.sha256) for p in recorded] == [(p.name, p.sha256) for p in self.patches]:
-                return SeriesStatus(SeriesState.APPLIED, self.names)
+                changed = changed_files(tree)
+                return SeriesStatus(SeriesState.APPLIED_CHANGED if changed else
+                                    SeriesState.APPLIED, self.names, changed)
             return SeriesStatus(SeriesState.OTHER_SERIES_APPLIED, tuple(p.name for p in recorded))
         if not self.patches:
             return SeriesStatus(SeriesState.APPLIED, ())
@@ -127,12 +151,10 @@ class PatchSeries:
             if self.patches and not _git_apply_ok(tree, self.patches, reverse=False):
                 _explain_failure(tree, self, shown_tree=tree)
             return
+        refuse_changed(tree)
         # git cannot check "revert A, then apply B" in one call: do it on a scratch copy of just
         # the files the two series touch, so the real tree is written only once both will work.
-        scratch = tree.parent / f".{tree.name}.gvm-harness-check"
-        shutil.rmtree(scratch, ignore_errors=True)
-        try:
-            scratch.mkdir()
+        with _scratch(tree, "check") as scratch:
             _copy_files(tree, scratch, _touched_files(recorded + self.patches))
             _revert_each(scratch, recorded,
                          failure=f"{tree}: the recorded series "
@@ -140,45 +162,120 @@ class PatchSeries:
                                  "cleanly; the tree was changed by hand. Restore a pristine tree.")
             if self.patches and not _git_apply_ok(scratch, self.patches, reverse=False):
                 _explain_failure(scratch, self, shown_tree=tree)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
 
     def apply(self, tree: Path) -> ApplyOutcome:
         """Bring the tree to exactly this series, reverting a different recorded one first."""
         status = self.status(tree) if tree.is_dir() else None
         if status and status.state is SeriesState.APPLIED:
+            if self.patches and not (tree / RECORD_DIR / RESULT_DIR).is_dir():  # derived, equal
+                _keep_result(tree, self.patches)
             return ApplyOutcome(reverted=(), applied=(), already_applied=True)
+        if status and status.state is SeriesState.APPLIED_CHANGED:
+            refuse_changed(tree)
         if status and status.state is SeriesState.APPLIED_UNRECORDED:
             raise PatchError(f"{tree}: the series {self.directory} is already applied, but not "
                              "by the harness. Revert it by hand (or start from a pristine tree) "
                              "so the harness can track what it changed.")
         self.check(tree)
-        reverted = self.revert(tree)
+        reverted = self.revert(tree).names
         if self.patches:
             _run_git_apply(tree, self.patches, reverse=False)
             _write_record(tree, self.patches)
         return ApplyOutcome(reverted=reverted, applied=self.names, already_applied=False)
 
-    def revert(self, tree: Path) -> tuple[str, ...]:
-        """Revert whatever series the harness recorded in the tree; return the reverted names."""
+    def revert(self, tree: Path) -> Reverted:
+        """Revert whatever series the harness recorded in the tree. Touched files changed by
+        hand since are first put back as the series made them; their edited versions are kept in
+        a folder beside the tree (Reverted.kept_edits)."""
         _require_tree(tree)
         recorded = _read_record(tree)
         if not recorded:
-            return ()
-        scratch = tree.parent / f".{tree.name}.gvm-harness-revert"
-        shutil.rmtree(scratch, ignore_errors=True)
+            return Reverted((), None)
         touched = _touched_files(recorded)
-        try:
-            scratch.mkdir()
-            _copy_files(tree, scratch, touched)
+        with _scratch(tree, "revert") as scratch:
+            with _series_result(tree, recorded) as result:
+                changed = _differing(tree, result, touched)
+                _copy_files(result, scratch, touched)
             _revert_each(scratch, recorded,
                          failure=f"{tree}: the recorded series does not revert cleanly; the tree "
                                  "was changed by hand. Nothing was changed.")
+            kept = _keep_edits(tree, changed) if changed else None
             _copy_files(scratch, tree, touched)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
         _clear_record(tree)
-        return tuple(p.name for p in recorded)
+        return Reverted(tuple(p.name for p in recorded), kept)
+
+
+def changed_files(tree: Path) -> tuple[str, ...]:
+    """The files the recorded series touches whose content is not what the series made of them
+    (edited, created or removed by hand since); () when no series is recorded."""
+    recorded = _read_record(tree)
+    if not recorded:
+        return ()
+    with _series_result(tree, recorded) as result:
+        return _differing(tree, result, _touched_files(recorded))
+
+
+def refuse_changed(tree: Path) -> None:
+    """PatchError listing the touched files that differ from what the recorded series makes, so
+    a hand edit is never built and judged under the series' name."""
+    changed = changed_files(tree)
+    if changed:
+        raise PatchError(f"{tree}: files the applied series touches differ from what the series "
+                         f"makes of them: {', '.join(changed)}. Built now, they would be judged "
+                         f"under the series' name. `{RESTORE_COMMAND}` (with this --config) puts "
+                         "them back as the series made them and reverts it, keeping your edited "
+                         "versions in a folder beside the tree; the next run applies the series "
+                         "again. Nothing was changed.")
+
+
+@contextmanager
+def _scratch(tree: Path, purpose: str) -> Iterator[Path]:
+    """An empty directory beside the tree (same file system, outside any git work tree the tree
+    is not in), removed afterwards; unique, so a `status` beside a running `apply` is safe."""
+    scratch = Path(tempfile.mkdtemp(prefix=f".{tree.name}.gvm-harness-{purpose}-",
+                                    dir=tree.parent))
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextmanager
+def _series_result(tree: Path, recorded: tuple[Patch, ...]) -> Iterator[Path]:
+    """A directory holding each file the recorded series touches as the series left it (a file
+    it removed is absent there): the copy kept at apply time, or for a tree recorded before
+    copies were kept, derived on a scratch copy by reverting and applying again."""
+    kept = tree / RECORD_DIR / RESULT_DIR
+    if kept.is_dir():
+        yield kept
+        return
+    with _scratch(tree, "result") as scratch:
+        _copy_files(tree, scratch, _touched_files(recorded))
+        failure = (f"{tree}: the recorded series ({', '.join(p.name for p in recorded)}) does "
+                   "not revert cleanly, so the tree was changed by hand in the lines it touches. "
+                   "Restore a pristine tree (the cached debian:linux-source tree: remove it and "
+                   "the next run unpacks it again)")
+        _revert_each(scratch, recorded, failure=failure)
+        _run_git_apply(scratch, recorded, reverse=False, failure=failure)
+        yield scratch
+
+
+def _differing(tree: Path, result: Path, relatives: list[str]) -> tuple[str, ...]:
+    def same(relative: str) -> bool:
+        ours, theirs = tree / relative, result / relative
+        if not ours.is_file() or not theirs.is_file():
+            return ours.is_file() == theirs.is_file()
+        return filecmp.cmp(ours, theirs, shallow=False)
+
+    return tuple(relative for relative in relatives if not same(relative))
+
+
+def _keep_edits(tree: Path, changed: tuple[str, ...]) -> Path:
+    """Copy the hand-edited versions of `changed` into a new folder beside the tree."""
+    kept = Path(tempfile.mkdtemp(prefix=f"{tree.name}.edits-{time.strftime('%Y%m%d-%H%M%S')}-",
+                                 dir=tree.parent))
+    _copy_files(tree, kept, list(changed))
+    return kept
 
 
 def _require_tree(tree: Path) -> None:
@@ -300,7 +397,16 @@ def _write_record(tree: Path, patches: tuple[Patch, ...]) -> None:
     record.mkdir(parents=True, exist_ok=True)
     for patch in patches:
         (record / patch.name).write_text(patch.text)
+    _keep_result(tree, patches)
     (record / RECORD_INDEX).write_text("".join(p.name + "\n" for p in patches))
+
+
+def _keep_result(tree: Path, patches: tuple[Patch, ...]) -> None:
+    """Copy the files the series touches, as they are now, into the record's result/."""
+    result = tree / RECORD_DIR / RESULT_DIR
+    shutil.rmtree(result, ignore_errors=True)  # from a record never finished
+    result.mkdir()
+    _copy_files(tree, result, _touched_files(patches))
 
 
 def _clear_record(tree: Path) -> None:

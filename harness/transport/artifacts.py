@@ -3,7 +3,8 @@
 The sha256 is computed here and checked with `sha256sum` on the host; an unchanged file is not
 sent again; a new one goes to a hidden temporary name next to the target, is checked, and only
 then renamed over it (rename(2) within one directory), so an upload that dies half way leaves the
-old file in place. `upload_artifacts` stores files under their digest, like labgrid's
+old file in place. The mode travels with the file (a 0600 initramfs stays 0600), and a file that
+holds secrets is removed again when its guest stops (`remove_secret`). `upload_artifacts` stores files under their digest, like labgrid's
 ManagedFile, so different builds never overwrite each other.
 """
 
@@ -133,6 +134,20 @@ def _remove_quietly(host: RemoteHost, path: str) -> None:
         host.run(f"rm -f {shlex.quote(path)}", timeout_s=10)
     except RemoteHostError:
         pass
+
+
+def remove_secret(host: CommandHost, remote_path: str) -> None:
+    """Remove an uploaded file that holds secrets (a run's initramfs: the guest's SSH host key and
+    root password hash) and its content-addressed directory once empty. A run's initramfs is
+    unique to the run (its keys are made for it), so no other run boots from that path. Raises
+    RemoteHostError saying what to remove by hand."""
+    quoted = shlex.quote(remote_path)
+    try:
+        host.run(f"rm -f {quoted} && {{ rmdir {shlex.quote(posixpath.dirname(remote_path))} "
+                 "2>/dev/null || true; }", check=True, timeout_s=COMMAND_TIMEOUT_S)
+    except RemoteHostError as error:
+        raise RemoteHostError(f"{remote_path} on host '{host.name}' holds this run's guest keys "
+                              f"and could not be removed ({error}); remove it by hand") from None
 
 
 def upload_qemu_build(host: RemoteHost, tree: Path) -> str:

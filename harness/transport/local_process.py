@@ -1,5 +1,15 @@
 """Run a command on this machine with its full output in a log file and a live status line, and
-stop a detached one (QEMU, Bochs) by its process group."""
+stop a detached one (QEMU, Bochs) by its process group.
+
+Every process group started here is tethered to this harness: a small `sh` watcher in a session of
+its own reads a pipe whose only writer is this process, and when the pipe ends (the harness died,
+SIGKILL included) it TERMs, then KILLs, the group. PR_SET_PDEATHSIG cannot do this job: it fires
+when the *thread* that forked exits (the harness starts processes from worker threads), it reaches
+only the direct child (not make's compilers), and it cannot be undone for a guest that `up` leaves
+running on purpose; the tether is released (`untether`) exactly then. A build's `make` also inherits
+the descriptors registered with `inherited_by_builds` (the cache lock), so the lock stays held
+until the last compiler of a killed harness has exited.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +18,8 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -17,6 +29,61 @@ from harness.transport.console_log import TAIL_LINES, log_tail, read_log
 from harness.progress import Progress
 
 STOP_GRACE_S = 5.0
+# The watcher: a line "release" lets the group live on; end of file (the harness is gone) stops it.
+TETHER_SCRIPT = "\n".join([
+    "read -r word",
+    '[ "$word" = release ] && exit 0',
+    'kill -TERM -"$1" 2>/dev/null || exit 0',
+    "i=0",
+    f'while kill -0 -"$1" 2>/dev/null && [ "$i" -lt {int(STOP_GRACE_S * 10)} ]; do',
+    '  sleep 0.1; i=$((i+1))',
+    "done",
+    'kill -KILL -"$1" 2>/dev/null',
+    "exit 0",
+])
+_build_fds: set[int] = set()
+
+
+@contextmanager
+def inherited_by_builds(fd: int) -> Iterator[None]:
+    """While inside, every command run_logged starts inherits `fd` (the cache lock: a flock is
+    held until every process that has it open has exited)."""
+    _build_fds.add(fd)
+    try:
+        yield
+    finally:
+        _build_fds.discard(fd)
+
+
+@dataclass
+class Tether:
+    """The watcher of one process group (see the module docstring)."""
+
+    watcher: subprocess.Popen
+    writer: int  # the pipe's write end: only this process holds it (O_CLOEXEC)
+
+    @classmethod
+    def to(cls, group: int) -> Tether:
+        reader, writer = os.pipe()
+        try:
+            watcher = subprocess.Popen(["sh", "-c", TETHER_SCRIPT, "gvm-tether", str(group)],
+                                       stdin=reader, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL, start_new_session=True)
+        except BaseException:
+            os.close(writer)
+            raise
+        finally:
+            os.close(reader)
+        return cls(watcher, writer)
+
+    def release(self) -> None:
+        """The group may outlive this harness now; the watcher exits without a signal."""
+        try:
+            os.write(self.writer, b"release\n")
+        except OSError:
+            pass  # the watcher is gone already
+        os.close(self.writer)
+        self.watcher.wait()
 
 
 def run_logged(args: list[str], log_path: Path, progress: Progress, cwd: Path | None = None,
@@ -36,7 +103,8 @@ def run_logged(args: list[str], log_path: Path, progress: Progress, cwd: Path | 
         log.flush()
         process = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, errors="replace",
-                                   start_new_session=True)
+                                   start_new_session=True, pass_fds=tuple(_build_fds))
+        tether = Tether.to(process.pid)
         try:
             assert process.stdout is not None
             for line in process.stdout:
@@ -50,6 +118,8 @@ def run_logged(args: list[str], log_path: Path, progress: Progress, cwd: Path | 
             os.killpg(process.pid, signal.SIGTERM)
             process.wait()
             raise
+        finally:
+            tether.release()
     if returncode != 0:
         raise CommandError(f"`{' '.join(args)}` exited with {returncode} after "
                            f"{time.monotonic() - started:.0f}s; full log: {log_path}\n"
@@ -99,21 +169,33 @@ def free_loopback_port(udp: bool = False) -> int:
 
 @dataclass
 class LocalProcess:
-    """A process group on this machine (QEMU, Bochs) that writes to one log: started here, or
-    found again from its pid by a later command (then it is not our child)."""
+    """A process group on this machine (QEMU, Bochs) that writes to one log: started here (and
+    tethered to this harness until `untether`), or found again from its pid by a later command
+    (then it is not our child)."""
 
     pid: int
     log: Path
     popen: subprocess.Popen | None = field(default=None, repr=False)
+    tether: Tether | None = field(default=None, repr=False)
 
     @classmethod
-    def start(cls, argv: list[str], log: Path, cwd: Path | None = None) -> "LocalProcess":
-        """Start `argv` in a session of its own, output appended to `log`. FileNotFoundError
-        passes through: the caller knows which package to name."""
+    def start(cls, argv: list[str], log: Path, cwd: Path | None = None) -> LocalProcess:
+        """Start `argv` in a session of its own, output appended to `log`, stopped if this
+        harness dies. FileNotFoundError passes through: the caller knows which package to name."""
         with log.open("ab") as output:
             popen = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=output,
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        return cls(popen.pid, log, popen)
+        try:
+            return cls(popen.pid, log, popen, Tether.to(popen.pid))
+        except BaseException:
+            stop_process_group(popen.pid, lambda: popen.poll() is not None, popen)
+            raise
+
+    def untether(self) -> None:
+        """Let it outlive this harness (a guest `up` leaves running); safe to call twice."""
+        if self.tether is not None:
+            self.tether.release()
+            self.tether = None
 
     def exit_status(self) -> int | None:
         """None while it runs; its code once it stopped (-1 when not our child: unknown)."""
@@ -130,4 +212,5 @@ class LocalProcess:
 
     def stop(self) -> None:
         """TERM the whole session, then KILL what is left; safe to call twice."""
+        self.untether()
         stop_process_group(self.pid, lambda: self.exit_status() is not None, self.popen)

@@ -2,7 +2,10 @@
 
 from pathlib import Path
 
-from harness.run_folder import RunFolder
+import pytest
+
+from harness.errors import BuildError, KernelUnderTestError
+from harness.run_folder import OUTCOME_FILE, RunFolder
 
 
 def test_create_makes_unique_folders_and_points_latest(tmp_path: Path) -> None:
@@ -21,3 +24,19 @@ def test_newest_with_skips_runs_without_the_file(tmp_path: Path) -> None:
     assert RunFolder.newest_with(tmp_path, "session.json").path.name == "20261124-110000-local"
     assert RunFolder.newest_with(tmp_path, "absent.json") is None
     assert RunFolder.newest_with(tmp_path / "nope", "session.json") is None
+
+
+def test_a_failed_or_interrupted_command_says_so_in_its_run_folder(tmp_path: Path) -> None:
+    outcomes = []
+    for error, blame in ((KeyboardInterrupt(), "interrupted"), (BuildError("make exited"), "error"),
+                         (KernelUnderTestError("panic"), "FAIL")):
+        run = RunFolder.create(tmp_path, f"r-{blame}")
+        with pytest.raises(type(error)), run.noting_failure():
+            raise error
+        outcomes.append(run.file(OUTCOME_FILE).read_text())
+    assert outcomes[0].startswith("interrupted (Ctrl-C or SIGTERM)")
+    assert outcomes[1:] == ["error: make exited\n", "FAIL: panic\n"]
+    run = RunFolder.create(tmp_path, "fine")
+    with run.noting_failure():
+        pass
+    assert not run.file(OUTCOME_FILE).exists()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from harness.errors import BootError
@@ -144,8 +144,7 @@ class BochsLauncher:
             raise BootError(f"{self.bochs_binary} is not installed; run ./gvm setup "
                             "(packages bochs, bochsbios, vgabios)") from None
         (self.run_dir / "bochs.pid").write_text(f"{process.pid}\n")
-        return BochsProcess(self.serial_log, LocalProcess(process.pid, self.run_dir / BOCHS_LOG,
-                                                          process.popen))
+        return BochsProcess(self.serial_log, replace(process, log=self.run_dir / BOCHS_LOG))
 
 
 @dataclass

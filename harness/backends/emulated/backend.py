@@ -145,6 +145,8 @@ class EmulatedGuest(GuestOnBootedHosts):
 
     def detach(self) -> None:
         self.guest.detach()
+        for _, process in self.hosts:
+            process.untether()
 
 
 @dataclass(frozen=True)

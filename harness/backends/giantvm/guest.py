@@ -24,6 +24,7 @@ from harness.backends.giantvm.cluster import (LOG_CHUNK, LOG_TAIL_LINES, Cluster
 from harness.backends.giantvm.lines import DMESG_RUN_MARKER, DmesgFinding, scan_dmesg
 from harness.backends.remote_qemu import CONSOLE_FILE, SHELL_SOCKET
 from harness.errors import HarnessError
+from harness.transport.artifacts import remove_secret
 from harness.transport.parallel import on_hosts
 from harness.transport.remote_console import RemoteConsole, RemotePlaces
 from harness.transport.remote_host import RemoteHostError
@@ -311,6 +312,11 @@ class GiantVMGuest:
                 f"{len(failed)} of {len(self.processes)} GiantVM nodes could not be stopped "
                 "(the others were):\n  - " + "\n  - ".join(
                     f"node {stop.node} on host '{stop.host}': {stop.error}" for stop in failed))
+        initrd = str(self.cluster.launcher.boot.initrd)  # this run's guest keys, on every host
+        removed = on_hosts(self.cluster._hosts(), "remove this run's initramfs",
+                           lambda host: remove_secret(host, initrd))
+        if removed.failed:
+            raise ClusterStopError(f"every node stopped, but {removed.summary()}")
 
     def _stop_node(self, process: NodeProcess) -> NodeStop:
         lifecycle = self.lifecycle(process)

@@ -111,7 +111,9 @@ def test_the_state_records_where_everything_is(boot, tmp_path) -> None:
         remote_shell_socket="/srv/gvm/runs/r1/console-shell.sock", remote_ssh_port=21022,
         remote_qemu_log="/srv/gvm/proc/qemu-r1.log", exit_file="/srv/gvm/runs/r1/qemu.exit",
         local_console_log=str(tmp_path / "r1" / "console-kernel.log"),
-        local_shell_socket=str(tmp_path / "r1" / "console-shell.sock"), local_ssh_port=0)
+        local_shell_socket=str(tmp_path / "r1" / "console-shell.sock"), local_ssh_port=0,
+        remote_initrd=launcher.remote_initrd)
+    assert state.remote_initrd.startswith("/srv/gvm/artifacts/")
     assert RemoteGuestState(**state.to_dict()) == state
 
 
@@ -263,6 +265,16 @@ def test_stop_is_idempotent_and_a_failed_stop_says_how_to_stop_by_hand(boot, tmp
     guest.stop()  # and now has nothing to do
     assert host.kinds().count("stop_detached") == 2
     assert guest.stop_outcome == "terminated" and guest.exit_status() == -15
+
+
+def test_stop_removes_this_runs_initramfs_from_the_host(boot, tmp_path) -> None:
+    host = FakeHost("/srv/gvm")
+    guest = guest_on(host, boot, tmp_path)
+    guest.stop()
+    initrd = guest.state.remote_initrd
+    assert initrd.startswith("/srv/gvm/artifacts/") and initrd.endswith("/initramfs.cpio")
+    assert host.kinds()[-2:] == ["stop_detached", "run"]  # QEMU first, then its keys
+    assert host.calls[-1][1].startswith(f"rm -f {initrd} && ")
 
 
 def test_the_port_listing_reads_only_the_files_a_host_has(tmp_path) -> None:

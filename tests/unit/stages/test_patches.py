@@ -1,13 +1,14 @@
 """Patch-series logic against small git repositories made in the test, with real `git format-patch`."""
 
 import random
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from harness.errors import PatchError
-from harness.stages.patches import PatchSeries, SeriesState
+from harness.stages.patches import RECORD_DIR, RESULT_DIR, PatchSeries, SeriesState
 
 ORIGINAL = {
     "kernel/time/timekeeping.c": "".join(f"line {n}\n" for n in range(1, 41)),
@@ -88,7 +89,7 @@ def test_clean_apply_then_idempotent(tree: Path, series: PatchSeries) -> None:
 def test_revert_restores_the_pristine_tree(tree: Path, series: PatchSeries) -> None:
     pristine = snapshot(tree)
     series.apply(tree)
-    assert series.revert(tree) == series.names
+    assert series.revert(tree).names == series.names
     assert snapshot(tree) == pristine
     assert not (tree / ".gvm-harness").exists() or not any((tree / ".gvm-harness").rglob("*"))
 
@@ -202,7 +203,7 @@ def test_a_file_created_then_edited_by_the_series_is_removed_by_revert(tmp_path:
     ])
     series.apply(tree)
     assert (tree / "kernel/time/gvm_jiffies.c").read_text() == "int a;\nint c;\n"
-    assert series.revert(tree) == series.names
+    assert series.revert(tree).names == series.names
     assert snapshot(tree) == pristine
     other = make_series(tmp_path, "other", [("kernel/time/gvm_jiffies.c", "", "int z;\n")])
     series.apply(tree)
@@ -210,17 +211,74 @@ def test_a_file_created_then_edited_by_the_series_is_removed_by_revert(tmp_path:
     assert (tree / "kernel/time/gvm_jiffies.c").read_text() == "int z;\n"
 
 
-def test_a_revert_that_fails_half_way_changes_nothing(tmp_path: Path, tree: Path) -> None:
-    series = make_series(tmp_path, "two", [
+def two_file_series(tmp_path: Path) -> PatchSeries:
+    return make_series(tmp_path, "two", [
         ("include/kvm_para.h", "#define A 1\n", "#define A 10\n"),
         ("kernel/time/timekeeping.c", "line 3\n", "line three\n"),
     ])
+
+
+def test_a_revert_that_fails_half_way_changes_nothing(tmp_path: Path, tree: Path) -> None:
+    series = two_file_series(tmp_path)
     series.apply(tree)
+    shutil.rmtree(tree / RECORD_DIR / RESULT_DIR)  # recorded before the harness kept copies
     (tree / "include/kvm_para.h").write_text("edited by hand\n")
     applied = snapshot(tree)
-    with pytest.raises(PatchError, match="does not revert cleanly.*Nothing was changed"):
+    with pytest.raises(PatchError, match="does not revert cleanly.*Restore a pristine tree"):
         series.revert(tree)
     assert snapshot(tree) == applied  # timekeeping.c was reverted only in the scratch copy
+
+
+def test_a_hand_edit_in_a_touched_file_is_named_and_refused(tmp_path: Path, tree: Path,
+                                                           series: PatchSeries) -> None:
+    series.apply(tree)
+    timekeeping = tree / "kernel/time/timekeeping.c"
+    timekeeping.write_text(timekeeping.read_text().replace("line 1\n", "line one\n"))
+    (tree / "kernel/time/probe.c").unlink()  # created by the series, removed by hand
+    (tree / "kernel/untouched.c").write_text("not the series' business\n")
+    status = series.status(tree)
+    assert status.state is SeriesState.APPLIED_CHANGED
+    assert status.changed_files == ("kernel/time/probe.c", "kernel/time/timekeeping.c")
+    assert "./gvm patch --revert" in status.describe()
+    edited = snapshot(tree)
+    with pytest.raises(PatchError, match=r"differ from what the series makes of them: "
+                                         r"kernel/time/probe.c, kernel/time/timekeeping.c\. .*"
+                                         r"`\./gvm patch --revert`.*Nothing was changed"):
+        series.apply(tree)
+    other = make_series(tmp_path, "other", [("include/kvm_para.h", "#define A 1\n", "#define A 2\n")])
+    with pytest.raises(PatchError, match="kernel/time/timekeeping.c"):
+        other.apply(tree)  # switching series refuses too, before anything is written
+    assert snapshot(tree) == edited
+
+
+def test_revert_of_a_hand_edited_tree_gives_the_pristine_tree_and_keeps_the_edits(
+        tmp_path: Path, tree: Path, series: PatchSeries) -> None:
+    pristine = snapshot(tree)
+    series.apply(tree)
+    timekeeping = tree / "kernel/time/timekeeping.c"
+    edited = timekeeping.read_text().replace("hypercall(ticks)\n", "my experiment\n")
+    timekeeping.write_text(edited)
+    reverted = series.revert(tree)
+    assert reverted.names == series.names
+    assert snapshot(tree) == pristine
+    assert reverted.kept_edits is not None and reverted.kept_edits.parent == tree.parent
+    assert (reverted.kept_edits / "kernel/time/timekeeping.c").read_text() == edited
+    series.apply(tree)
+    assert series.status(tree).state is SeriesState.APPLIED
+
+
+def test_a_tree_recorded_before_copies_were_kept_is_checked_by_deriving_them(
+        tmp_path: Path, tree: Path) -> None:
+    series = two_file_series(tmp_path)
+    series.apply(tree)
+    shutil.rmtree(tree / RECORD_DIR / RESULT_DIR)
+    assert series.status(tree).state is SeriesState.APPLIED
+    assert series.apply(tree).already_applied
+    assert (tree / RECORD_DIR / RESULT_DIR / "kernel/time/timekeeping.c").is_file()  # kept now
+    shutil.rmtree(tree / RECORD_DIR / RESULT_DIR)
+    (tree / "kernel/time/timekeeping.c").write_text("rewritten\n")
+    with pytest.raises(PatchError, match="does not revert cleanly"):
+        series.apply(tree)
 
 
 @pytest.mark.parametrize("seed", range(12))

@@ -2,13 +2,14 @@ from __future__ import annotations
 
 import hashlib
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from harness.transport.artifacts import (
-    UploadError, artifact_path, remote_sha256, sha256_file, upload_file)
-from harness.transport.remote_host import RemoteResult
+    UploadError, artifact_path, remove_secret, remote_sha256, sha256_file, upload_file)
+from harness.transport.remote_host import RemoteHostError, RemoteResult
 
 
 def test_sha256_and_content_addressed_paths(tmp_path: Path) -> None:
@@ -61,3 +62,41 @@ def test_upload_refuses_relative_targets_and_missing_files(tmp_path: Path) -> No
         upload_file(host, tmp_path, "w/bzImage")  # type: ignore[arg-type]
     with pytest.raises(UploadError, match="does not exist; build it first"):
         upload_file(host, tmp_path / "nope", "/w/bzImage")  # type: ignore[arg-type]
+
+
+class ShellHost:
+    """Runs each command with this machine's sh: the host's file system is a temporary one."""
+
+    name = "shell"
+
+    def run(self, command: str, timeout_s: float = 60, check: bool = False,
+            as_root: bool = False) -> RemoteResult:
+        done = subprocess.run(["sh", "-c", command], capture_output=True, text=True,
+                              timeout=timeout_s)
+        result = RemoteResult(self.name, command, done.returncode, done.stdout, done.stderr)
+        if check:
+            result.check()
+        return result
+
+
+def test_a_secret_is_removed_with_its_digest_directory_once_empty(tmp_path: Path) -> None:
+    store = tmp_path / "artifacts"
+    secret = store / "aa" / "initramfs.cpio"
+    shared = store / "bb" / "initramfs.cpio"
+    for path in (secret, shared):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"keys")
+    (shared.parent / "bzImage").write_bytes(b"kernel")
+    remove_secret(ShellHost(), str(secret))
+    remove_secret(ShellHost(), str(shared))
+    remove_secret(ShellHost(), str(secret))  # twice: nothing left to do
+    assert not secret.parent.exists()
+    assert not shared.exists() and (shared.parent / "bzImage").exists()
+
+
+def test_a_secret_that_cannot_be_removed_says_so(tmp_path: Path) -> None:
+    blocked = tmp_path / "aa" / "initramfs.cpio"
+    blocked.mkdir(parents=True)  # rm -f refuses a directory
+    with pytest.raises(RemoteHostError, match=r"holds this run's guest keys and could not be "
+                                              r"removed .*remove it by hand"):
+        remove_secret(ShellHost(), str(blocked))

@@ -150,6 +150,18 @@ def test_stop_twice_is_safe(tmp_path) -> None:
     assert len([event for event in events if event[1] == "stop_detached"]) == 2
 
 
+def test_stop_removes_this_runs_initramfs_from_every_host(tmp_path) -> None:
+    events, _, _, cluster, guest = started(tmp_path)
+    guest.stop()
+    initrd = str(cluster.launcher.boot.initrd)
+    removals = [event[0] for event in events
+                if event[1] == "run" and event[2].startswith(f"rm -f {initrd} && ")]
+    assert sorted(removals) == ["h0", "h1"]
+    last_stop = max(index for index, event in enumerate(events) if event[1] == "stop_detached")
+    assert all(index > last_stop for index, event in enumerate(events)
+               if event[1] == "run" and event[2].startswith("rm -f "))
+
+
 # -- dmesg ----------------------------------------------------------------------------------
 
 
