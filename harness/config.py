@@ -334,7 +334,7 @@ def load_config(path: Path | None = None) -> ClusterConfig:
 def parse_config(path: Path, data: Any) -> ClusterConfig:
     top = _Section(path, "", data)
     name = top.string("name", default=path.stem)
-    run_root = top.path("run_dir", default=str(REPO_ROOT / "runs"))
+    run_root = top.path("run_dir", default=str(Path.cwd() / "runs"))  # where gvm is run
     cache_dir = top.path("cache_dir", default=str(_default_cache_dir()))
     hosts = tuple(_parse_host(section) for section in top.items("hosts"))
     if not hosts:
