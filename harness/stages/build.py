@@ -33,6 +33,7 @@ class KernelBuildSpec:
     fragments: tuple[Path, ...]
     jobs: int
     ccache_dir: Path
+    tree_owned: bool = False  # unpacked by the harness, changed only by its patch and revert
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ def build_kernel(spec: KernelBuildSpec, log_path: Path, progress: Progress) -> K
     for tool in ("make", "gcc", "ccache", "flex", "bison", "bc"):
         if shutil.which(tool) is None:
             raise BuildError(f"`{tool}` is missing; run ./gvm setup to install the build tools")
-    inputs = build_reuse.build_inputs(spec.tree, spec.base_config, spec.fragments)
+    inputs = build_reuse.build_inputs(spec.tree, spec.base_config, spec.fragments,
+                                      spec.tree_owned)
     reused = reused_build(spec.build_dir, inputs.key(), started)
     if reused is not None:
         progress.say(f"    reused the bzImage built in {spec.build_dir}: tree, config and "

@@ -2,11 +2,15 @@
 what the last successful build in this build directory used, its bzImage is reused as it is.
 
 Configuring (`make tinyconfig`, merge_config.sh, `olddefconfig`) and a make that finds nothing to
-do took 23 s of a 46 s warm run; reading the stamp and scanning the tree takes well under a
-second. The tree is fingerprinted by how many files it has and the newest change time among them
-(ctime: an edit, a patch applied or reverted, a file moved in or out all move it), which is what
-kbuild itself trusts. The stamp is removed before any build starts and written only after one
-succeeded, and the reused bzImage and .config must still have the checksums the stamp recorded.
+do took 23 s of a 46 s warm run. The tree's state:
+- a tree the harness unpacked into its cache (`debian:...`) changes only by the harness's patch
+  and revert, which record the applied series inside the tree: its state is that record and the
+  top Makefile (the version), read in milliseconds;
+- any other tree (a path you gave, which you may edit) is scanned: how many files it has and the
+  newest change time among them (ctime: an edit, a patch applied or reverted, a file moved in or
+  out all move it), what kbuild itself trusts; ~0.4 s for Linux on an idle machine.
+The stamp is removed before any build starts and written only after one succeeded, and the
+reused bzImage and .config must still have the checksums the stamp recorded.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from harness.stages.patches import RECORD_DIR
+
 STAMP = "gvm-harness-build.json"
 
 
@@ -26,8 +32,7 @@ class BuildInputs:
     """Everything a build's result depends on that can change between runs."""
 
     tree: str
-    tree_files: int
-    tree_newest_ns: int
+    tree_state: str  # owned trees: the applied-series record; others: files and newest change
     base_config: str
     fragments: tuple[tuple[str, str], ...]  # (path, sha256 of its text), in merge order
     compiler: str  # the first line of `gcc --version`
@@ -46,13 +51,27 @@ class BuildStamp:
     config_sha256: str
 
 
-def build_inputs(tree: Path, base_config: str, fragments: tuple[Path, ...]) -> BuildInputs:
-    files, newest = tree_fingerprint(tree)
+def build_inputs(tree: Path, base_config: str, fragments: tuple[Path, ...],
+                 tree_owned: bool) -> BuildInputs:
+    if tree_owned:
+        state = f"owned {owned_tree_state(tree)}"
+    else:
+        files, newest = tree_fingerprint(tree)
+        state = f"scanned {files} files, newest {newest}"
     return BuildInputs(
-        tree=str(tree.resolve()), tree_files=files, tree_newest_ns=newest,
-        base_config=base_config,
+        tree=str(tree.resolve()), tree_state=state, base_config=base_config,
         fragments=tuple((str(f), hashlib.sha256(f.read_bytes()).hexdigest()) for f in fragments),
         compiler=_compiler())
+
+
+def owned_tree_state(tree: Path) -> str:
+    """sha256 over the top Makefile and every file of the tree's applied-series record."""
+    digest = hashlib.sha256((tree / "Makefile").read_bytes())
+    record = tree / RECORD_DIR
+    for path in sorted(record.rglob("*")) if record.is_dir() else ():
+        if path.is_file():
+            digest.update(str(path.relative_to(record)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def tree_fingerprint(tree: Path) -> tuple[int, int]:

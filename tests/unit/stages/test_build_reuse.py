@@ -12,6 +12,7 @@ import pytest
 from harness.progress import Progress
 from harness.stages import build, build_reuse
 from harness.stages.build import KernelBuildSpec, build_kernel
+from harness.stages.patches import RECORD_DIR
 
 
 def _tree(tmp_path: Path) -> Path:
@@ -41,15 +42,30 @@ def test_the_tree_fingerprint_moves_on_edit_add_and_remove(tmp_path: Path) -> No
     assert build_reuse.tree_fingerprint(tree)[0] == 2
 
 
+def test_an_owned_tree_is_known_by_its_series_record_and_version(tmp_path: Path) -> None:
+    tree = _tree(tmp_path)
+    pristine = build_reuse.owned_tree_state(tree)
+    record = tree / RECORD_DIR
+    record.mkdir(parents=True)
+    (record / "series").write_text("0001-a.patch\n")
+    (record / "0001-a.patch").write_text("--- a\n+++ b\n")
+    applied = build_reuse.owned_tree_state(tree)
+    assert applied != pristine
+    (record / "0001-a.patch").write_text("--- a\n+++ c\n")  # another version of the patch
+    assert build_reuse.owned_tree_state(tree) not in (pristine, applied)
+    (tree / "Makefile").write_text("VERSION = 7\n")
+    assert build_reuse.build_inputs(tree, "tinyconfig", (), True).tree_state.startswith("owned ")
+
+
 def test_the_key_follows_fragments_and_base(tmp_path: Path) -> None:
     tree = _tree(tmp_path)
     fragment = tmp_path / "guest.config"
     fragment.write_text("CONFIG_SMP=y\n")
-    key = build_reuse.build_inputs(tree, "tinyconfig", (fragment,)).key()
-    assert build_reuse.build_inputs(tree, "tinyconfig", (fragment,)).key() == key
-    assert build_reuse.build_inputs(tree, "defconfig", (fragment,)).key() != key
+    key = build_reuse.build_inputs(tree, "tinyconfig", (fragment,), False).key()
+    assert build_reuse.build_inputs(tree, "tinyconfig", (fragment,), False).key() == key
+    assert build_reuse.build_inputs(tree, "defconfig", (fragment,), False).key() != key
     fragment.write_text("CONFIG_SMP=n\n")
-    assert build_reuse.build_inputs(tree, "tinyconfig", (fragment,)).key() != key
+    assert build_reuse.build_inputs(tree, "tinyconfig", (fragment,), False).key() != key
 
 
 def _built(tmp_path: Path) -> tuple[KernelBuildSpec, str]:
@@ -59,7 +75,7 @@ def _built(tmp_path: Path) -> tuple[KernelBuildSpec, str]:
     (spec.build_dir / "arch/x86/boot").mkdir(parents=True)
     (spec.build_dir / "arch/x86/boot/bzImage").write_bytes(b"kernel")
     (spec.build_dir / ".config").write_text("CONFIG_HZ=250\n")
-    key = build_reuse.build_inputs(tree, "tinyconfig", ()).key()
+    key = build_reuse.build_inputs(tree, "tinyconfig", (), False).key()
     image = build.Artifact.of(spec.build_dir / "arch/x86/boot/bzImage")
     config = build.Artifact.of(spec.build_dir / ".config")
     build_reuse.write_stamp(spec.build_dir, build_reuse.BuildStamp(key, "6.1.0", image.sha256,
@@ -84,7 +100,7 @@ def test_anything_changed_means_a_build(tmp_path: Path, change: str) -> None:
     spec, key = _built(tmp_path)
     if change == "tree":
         _later(spec.tree / "kernel/time/timekeeping.c")
-        key = build_reuse.build_inputs(spec.tree, "tinyconfig", ()).key()
+        key = build_reuse.build_inputs(spec.tree, "tinyconfig", (), False).key()
     elif change == "bzImage":
         (spec.build_dir / "arch/x86/boot/bzImage").write_bytes(b"relinked by a stopped build")
     elif change == ".config":
