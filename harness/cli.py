@@ -7,10 +7,15 @@ could not get that far (the message says why), 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import json
 import signal
 import sys
-from dataclasses import asdict
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 from harness import guest_session, modelcheck, suite
 from harness.backends.base import Backend, BackendCommand
@@ -20,11 +25,13 @@ from harness.config import DEFAULT_CONFIG, REPO_ROOT, ClusterConfig
 from harness.errors import HarnessError, KernelUnderTestError
 from harness.hostkvm import tree as host_tree
 from harness.hostkvm.qemu_build import build_giantvm_qemu
-from harness.progress import Progress
-from harness.run_folder import RunFolder
+from harness.progress import Progress, Verbosity
+from harness.run_folder import RunFolder, runs_to_prune
 from harness.stages.cache_lock import cache_lock
 from harness.transport.local_process import run_captured
 from harness.stages.guest_kernel import apply_series, guest_series, prepare_guest_tree
+from harness.stages.report import RunError, write_junit, write_run_reports
+from harness.stages.verdict import Verdict
 
 EXIT_FAIL, EXIT_ERROR, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -45,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)  # also when started with `&`, which ignores it
-    progress = Progress()
+    progress = Progress(verbosity=args.verbosity)
     try:
         config = load_config(args.config)
         return args.handler(args, config, progress)
@@ -65,12 +72,16 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def version() -> str:
-    """The checkout's commit when there is one: runs name the harness that made them."""
+    """The checkout's commit when there is one (runs name the harness that made them), else the
+    installed package's version."""
     try:
         return run_captured(["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],
                             timeout=5).strip()
     except HarnessError:
-        return "(not a git checkout)"
+        try:
+            return importlib.metadata.version("gvm-harness")
+        except importlib.metadata.PackageNotFoundError:
+            return "(neither a git checkout nor installed)"
 
 
 def _with_parent(parent: argparse.ArgumentParser) -> type:
@@ -82,23 +93,39 @@ def _with_parent(parent: argparse.ArgumentParser) -> type:
     return Subcommand
 
 
+def _common_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """--config, -q and -v: on the main parser with their defaults, and on every subcommand
+    without (so they work before or after the command and the later one wins)."""
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+    parser.add_argument("--config", type=Path, default=default(DEFAULT_CONFIG),
+                        help=f"cluster description (default: {DEFAULT_CONFIG.name})")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", dest="verbosity", action="store_const",
+                          const=Verbosity.QUIET, default=default(Verbosity.NORMAL),
+                          help="only results, errors and failed steps")
+    loudness.add_argument("-v", "--verbose", dest="verbosity", action="store_const",
+                          const=Verbosity.VERBOSE, default=default(Verbosity.NORMAL),
+                          help="every line the long steps print (make, waits), one per line")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gvm", description=__doc__.splitlines()[0],
                                      epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
-    config_option = argparse.ArgumentParser(add_help=False)  # before or after the command
-    config_option.add_argument("--config", type=Path, default=argparse.SUPPRESS,
-                               help=f"cluster description (default: {DEFAULT_CONFIG.name})")
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                        help=f"cluster description (default: {DEFAULT_CONFIG.name})")
+    common = argparse.ArgumentParser(add_help=False)  # before or after the command
+    _common_options(common, defaults=False)
+    _common_options(parser, defaults=True)
     commands = parser.add_subparsers(dest="command", required=True,
-                                     parser_class=_with_parent(config_option))
+                                     parser_class=_with_parent(common))
     patch = commands.add_parser("patch", help="apply the guest series to the kernel tree")
     patch.add_argument("--revert", action="store_true", help="revert what the harness applied")
     patch.set_defaults(handler=_patch)
-    commands.add_parser("status", help="which series the tree holds, whether a guest runs") \
-        .set_defaults(handler=_status)
+    status = commands.add_parser("status", help="which series the tree holds, whether a guest "
+                                                "runs")
+    status.add_argument("--json", action="store_true", help="print it as JSON")
+    status.set_defaults(handler=_status)
     commands.add_parser("build", help="patch and build the guest kernel") \
         .set_defaults(handler=_build)
     commands.add_parser("up", help="patch, build, boot and leave the guest running") \
@@ -111,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
         if name == "down":
             sub.add_argument("--all", action="store_true",
                              help="stop the guest of every run that still has one running")
+        else:
+            sub.add_argument("--json", action="store_true",
+                             help="print the verdict as JSON (verdict.json) instead of the table")
         sub.set_defaults(handler=handler)
     for command, backend in registry.commands():
         sub = commands.add_parser(command.name, help=command.help)
@@ -145,7 +175,29 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="patch, build, boot, probe, judge, stop")
     run.add_argument("--keep", action="store_true", help="leave the guest running afterwards")
     run.set_defaults(handler=_run)
+    _add_gc(commands)
+    _complete(parser)
     return parser
+
+
+def _add_gc(commands: argparse._SubParsersAction) -> None:
+    gc = commands.add_parser("gc", help="delete old run folders (never one whose guest runs)")
+    gc.add_argument("--keep", type=int, default=20, metavar="N",
+                    help="keep the newest N run folders (default: 20)")
+    gc.add_argument("--older-than", type=float, default=None, metavar="DAYS",
+                    help="delete only folders older than DAYS, still keeping the newest N")
+    gc.add_argument("--dry-run", action="store_true", help="say what would go, delete nothing")
+    gc.set_defaults(handler=_gc)
+
+
+def _complete(parser: argparse.ArgumentParser) -> None:
+    """Tab completion through argcomplete when it is installed (the `completion` extra):
+    `eval "$(register-python-argcomplete gvm)"`. Without it the CLI is the same."""
+    try:
+        import argcomplete
+    except ImportError:
+        return
+    argcomplete.autocomplete(parser)
 
 
 def _patch(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
@@ -168,37 +220,74 @@ def _patch_locked(args: argparse.Namespace, config: ClusterConfig, progress: Pro
     return 0
 
 
+@dataclass(frozen=True)
+class GuestState:
+    """What `status` knows of one run's guest."""
+
+    run: str
+    state: str  # running | stopped | unknown
+    where: str | None = None
+    pid: int | None = None
+    problem: str | None = None
+
+    def describe(self) -> str:
+        if self.state == "unknown":
+            return f"unknown ({self.problem})"
+        return f"guest {self.state} on {self.where} (pid {self.pid})"
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    tree: str
+    linux: str
+    series: str | None
+    series_state: str | None
+    applied: tuple[str, ...]
+    guests: tuple[GuestState, ...]
+
+
 def _status(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
     tree, version, series = guest_series(config, progress)
+    applied = series.status(tree) if series is not None else None
+    report = StatusReport(
+        tree=str(tree), linux=str(version),
+        series=str(series.directory) if series is not None else None,
+        series_state=applied.state.value if applied is not None else None,
+        applied=applied.applied_names if applied is not None else (),
+        # every run's guest: one orphaned by a killed harness is not hidden
+        guests=tuple(_guest_state(config, run) for run in
+                     RunFolder.all_with(config.run_root, guest_session.SESSION_FILE)))
+    if args.json:
+        print(json.dumps(asdict(report), indent=2))
+        return 0
     print(f"guest tree: {tree} (Linux {version})")
-    if series is not None:
-        print(f"series {series.directory}: {series.status(tree).describe()}")
-    runs = RunFolder.all_with(config.run_root, guest_session.SESSION_FILE)
-    if not runs:
+    if series is not None and applied is not None:
+        print(f"series {series.directory}: {applied.describe()}")
+    if not report.guests:
         print("no guest started yet")
-    for run in runs:  # every run's guest: one orphaned by a killed harness is not hidden
-        print(f"{run.path}: {_guest_state(config, run)}")
+    for guest in report.guests:
+        print(f"{guest.run}: {guest.describe()}")
     return 0
 
 
-def _guest_state(config: ClusterConfig, run: RunFolder) -> str:
+def _guest_state(config: ClusterConfig, run: RunFolder) -> GuestState:
     try:
         session = guest_session.attach_session(config, run, forwards=False)
     except HarnessError as error:
-        return f"unknown ({error})"
+        return GuestState(str(run.path), "unknown", problem=str(error))
     try:
-        return _describe(session)
+        return _state_of(session)
     finally:
         session.detach()
 
 
-def _describe(session: guest_session.GuestSession) -> str:
+def _state_of(session: guest_session.GuestSession) -> GuestState:
     try:
         alive = session.guest.exit_status() is None
     except HarnessError as error:
-        return f"unknown ({error})"
-    return (f"guest {'running' if alive else 'stopped'} on {session.guest.where} "
-            f"(pid {session.guest.pid})")
+        return GuestState(str(session.run.path), "unknown", problem=str(error))
+    return GuestState(str(session.run.path), "running" if alive else "stopped",
+                      session.guest.where, session.guest.pid)
 
 
 def _build(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
@@ -238,7 +327,7 @@ def _chosen_run(args: argparse.Namespace, config: ClusterConfig) -> RunFolder:
 
 def _probe(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
     run = _chosen_run(args, config)
-    return _report(suite.probe(config, run, progress), run)
+    return _report(suite.probe(config, run, progress), run, as_json=args.json)
 
 
 def _down(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
@@ -252,7 +341,7 @@ def _down(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -
             session = guest_session.attach_session(config, run, forwards=False)
         except HarnessError:
             continue  # another config's run, or not one this harness wrote: `status` names it
-        if not _describe(session).startswith("guest running"):
+        if _state_of(session).state != "running":
             session.detach()
             continue
         try:
@@ -266,9 +355,33 @@ def _down(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -
 
 def _run(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
     run = RunFolder.create(config.run_root, config.name)
-    with run.noting_failure():
+    with run.noting_failure(), _reports_on_every_exit(run, config):
         verdict = suite.run_suite(config, run, progress, keep=args.keep)
     return _report(verdict, run)
+
+
+@contextmanager
+def _reports_on_every_exit(run: RunFolder, config: ClusterConfig) -> Iterator[None]:
+    """A run that stops before its verdict (a build or boot failure, a host, Ctrl-C) still
+    leaves junit.xml, report.html and summary.md, with the reason as an error test case: CI
+    gets a report whatever the exit code."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        _write_stopped(run, config, RunError("interrupted", "interrupted (Ctrl-C or SIGTERM) "
+                                             "before the verdict"))
+        raise
+    except HarnessError as error:
+        stage = "guest kernel" if isinstance(error, KernelUnderTestError) else \
+            type(error).__name__
+        _write_stopped(run, config, RunError(stage, str(error)))
+        raise
+
+
+def _write_stopped(run: RunFolder, config: ClusterConfig, error: RunError) -> None:
+    name = f"gvm-harness.{config.name}"
+    write_junit(Verdict(()), run.file("junit.xml"), name, started=run.started_at(), error=error)
+    write_run_reports(run.path, f"gvm-harness {config.name}", None, error=error)
 
 
 def _backend_command(command: BackendCommand, backend: Backend):
@@ -330,8 +443,37 @@ def _model_check(args: argparse.Namespace, config: ClusterConfig, progress: Prog
     return EXIT_FAIL if shipped_failures else 0
 
 
-def _report(verdict, run: RunFolder) -> int:
-    """The table the suite wrote (with what the run exercised), then where the rest is."""
+def _gc(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
+    """Old run folders go; the newest `--keep`, any whose guest may still run (running or not
+    known: another config's) and `latest` stay."""
+    runs = RunFolder.all(config.run_root)
+    live = {guest.run for guest in (_guest_state(config, run) for run in runs
+                                    if run.file(guest_session.SESSION_FILE).is_file())
+            if guest.state != "stopped"}
+    latest = (config.run_root / "latest").resolve()
+    older_than_s = args.older_than * 86400 if args.older_than is not None else None
+    doomed = runs_to_prune(runs, args.keep, older_than_s, time.time(),
+                           keep=lambda run: str(run.path) in live or run.path == latest)
+    freed = 0
+    for run in doomed:
+        size = run.size()
+        freed += size
+        if not args.dry_run:
+            run.remove()
+        progress.say(f"{'would delete' if args.dry_run else 'deleted'} {run.path} "
+                     f"({size >> 20} MB)")
+    progress.say(f"{'would free' if args.dry_run else 'freed'} {freed >> 20} MB in "
+                 f"{len(doomed)} run folders; kept {len(runs) - len(doomed)} "
+                 f"({len(live)} with a guest that runs or may run)")
+    return 0
+
+
+def _report(verdict: Verdict, run: RunFolder, as_json: bool = False) -> int:
+    """The table the suite wrote (with what the run exercised), then where the rest is; or, as
+    JSON, verdict.json for scripts."""
+    if as_json:
+        print(json.dumps({**run.read_json("verdict.json"), "run": str(run.path)}, indent=2))
+        return 0 if verdict.passed else EXIT_FAIL
     print(run.file("verdict.txt").read_text(), end="")
     print(f"run folder: {run.path}")
     return 0 if verdict.passed else EXIT_FAIL

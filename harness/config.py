@@ -168,7 +168,7 @@ def parse_config(path: Path, data: Any,
                  backend_sections: Sequence[BackendSection] = ()) -> ClusterConfig:
     top = Section(path, "", data)
     name = top.string("name", default=path.stem)
-    run_root = top.path("run_dir", default=str(REPO_ROOT / "runs"))
+    run_root = top.path("run_dir", default=str(Path.cwd() / "runs"))  # where gvm is run
     cache_dir = top.path("cache_dir", default=str(_default_cache_dir()))
     special_addresses = tuple(spec.host_address for spec in backend_sections if spec.host_address)
     hosts = tuple(_parse_host(section, special_addresses) for section in top.items("hosts"))

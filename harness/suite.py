@@ -3,8 +3,9 @@ it, probe it, stop it, look at the hosts' logs, judge, write the reports. The CL
 plugin and `bochs-host --guest` all go through here, so the order rules live in one place:
 
 - the guest is stopped before the hosts' kernel logs are read, so the DSM's shutdown lines count;
-- the reports (verdict.json, verdict.txt, junit.xml, skew.png) are written for every verdict,
-  including the FAIL of a kernel under test that panicked or never became ready;
+- the reports (verdict.json, verdict.txt, junit.xml, lag.png, report.html, summary.md) are
+  written for every verdict, including the FAIL of a kernel under test that panicked or never
+  became ready;
 - a failure of the harness or its hosts is raised (the CLI exits 2), never judged.
 
 A started guest and its session.json are session.py's; `up`, `probe` and `down` are separate
@@ -33,7 +34,8 @@ from harness.run_folder import RunFolder
 from harness.stages.guest_kernel import kernel_hz, patch_and_build
 from harness.stages.judge import STREAM, check_samples, check_stream
 from harness.stages.probe import JiffiesProbe, JiffiesSample
-from harness.stages.report import RunContext, plot_lag, verdict_table, write_junit
+from harness.stages.report import (RunContext, plot_lag, verdict_table, write_junit,
+                                   write_run_reports)
 from harness.stages.stream import STREAM_FILE, StreamResult, read_stream, stream_command
 from harness.stages.verdict import CheckResult, Verdict
 from harness.stages.workloads import start_commands, stop_commands
@@ -156,7 +158,8 @@ def write_reports(verdict: Verdict, config: ClusterConfig, run: RunFolder,
     run.write_json("verdict.json", {
         "passed": verdict.passed, "checks": [check.to_dict() for check in verdict.checks],
         "context": context.to_dict() if context is not None else None})
-    write_junit(verdict, run.file("junit.xml"), f"gvm-harness.{config.name}", context)
+    write_junit(verdict, run.file("junit.xml"), f"gvm-harness.{config.name}", context,
+                started=run.started_at())
     series: dict[str, list] = defaultdict(list)
     for sample in observation.samples:
         series[sample.transport].append(sample)
@@ -165,6 +168,7 @@ def write_reports(verdict: Verdict, config: ClusterConfig, run: RunFolder,
     if any(series.values()):
         plot_lag(series, hz, run.file("lag.png"), config.checks.max_lag_s, verdict, context)
     run.file("verdict.txt").write_text(verdict_table(verdict, context) + "\n")
+    write_run_reports(run.path, f"gvm-harness {config.name}", verdict, context)
     return verdict
 
 

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from harness.errors import BuildError
+from harness.stages import build_reuse
 from harness.transport.local_process import run_captured, run_logged
 from harness.progress import Progress
 
@@ -32,6 +33,7 @@ class KernelBuildSpec:
     fragments: tuple[Path, ...]
     jobs: int
     ccache_dir: Path
+    tree_owned: bool = False  # unpacked by the harness, changed only by its patch and revert
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,14 @@ def build_kernel(spec: KernelBuildSpec, log_path: Path, progress: Progress) -> K
     for tool in ("make", "gcc", "ccache", "flex", "bison", "bc"):
         if shutil.which(tool) is None:
             raise BuildError(f"`{tool}` is missing; run ./gvm setup to install the build tools")
+    inputs = build_reuse.build_inputs(spec.tree, spec.base_config, spec.fragments,
+                                      spec.tree_owned)
+    reused = reused_build(spec.build_dir, inputs.key(), started)
+    if reused is not None:
+        progress.say(f"    reused the bzImage built in {spec.build_dir}: tree, config and "
+                     f"compiler unchanged ({reused.duration_s:.1f}s, no make)")
+        return reused
+    build_reuse.forget(spec.build_dir)
     env = reproducible_build_env(CCACHE_DIR=str(spec.ccache_dir))
     make = ["make", "-C", str(spec.tree), f"O={spec.build_dir}", f"ARCH={ARCH}"]
     configure_kernel(spec.tree, spec.build_dir, spec.base_config, spec.fragments, log_path,
@@ -103,9 +113,26 @@ def build_kernel(spec: KernelBuildSpec, log_path: Path, progress: Progress) -> K
     bzimage = spec.build_dir / "arch/x86/boot/bzImage"
     if not bzimage.is_file():
         raise BuildError(f"make finished but {bzimage} is missing; see {log_path}")
-    return KernelBuildResult(kernel_release=release, bzimage=Artifact.of(bzimage),
-                             config=Artifact.of(spec.build_dir / ".config"),
-                             duration_s=round(time.monotonic() - started, 1))
+    result = KernelBuildResult(kernel_release=release, bzimage=Artifact.of(bzimage),
+                               config=Artifact.of(spec.build_dir / ".config"),
+                               duration_s=round(time.monotonic() - started, 1))
+    build_reuse.write_stamp(spec.build_dir, build_reuse.BuildStamp(
+        inputs.key(), release, result.bzimage.sha256, result.config.sha256))
+    return result
+
+
+def reused_build(build_dir: Path, key: str, started: float) -> KernelBuildResult | None:
+    """The last build's result when its inputs had this key and its bzImage and .config are
+    still the files it produced; None: build."""
+    stamp = build_reuse.read_stamp(build_dir)
+    bzimage, config = build_dir / "arch/x86/boot/bzImage", build_dir / ".config"
+    if stamp is None or stamp.key != key or not bzimage.is_file() or not config.is_file():
+        return None
+    image, config_file = Artifact.of(bzimage), Artifact.of(config)
+    if (image.sha256, config_file.sha256) != (stamp.bzimage_sha256, stamp.config_sha256):
+        return None
+    return KernelBuildResult(kernel_release=stamp.kernel_release, bzimage=image,
+                             config=config_file, duration_s=round(time.monotonic() - started, 1))
 
 
 def configure_kernel(tree: Path, build_dir: Path, base_config: str, fragments: tuple[Path, ...],

@@ -13,7 +13,8 @@ from harness.progress import Progress
 from harness.run_folder import RunFolder
 from harness.stages.build import KernelBuildResult, KernelBuildSpec, build_kernel, read_config_options
 from harness.stages.cache_lock import cache_lock
-from harness.stages.kernel_source import KernelVersion, kernel_version, resolve_tree, select_series
+from harness.stages.kernel_source import (DEBIAN_PREFIX, KernelVersion, kernel_version,
+                                          resolve_tree, select_series)
 from harness.stages.patches import ApplyOutcome, PatchSeries
 
 SERIES_FRAGMENT = "kconfig.fragment"
@@ -62,7 +63,8 @@ def build_guest_kernel(config: ClusterConfig, prepared: PreparedTree, run: RunFo
     spec = KernelBuildSpec(
         tree=prepared.tree, build_dir=config.cache_dir / "build" /
         f"{prepared.tree.name}-{kernel.base_config}", base_config=kernel.base_config,
-        fragments=fragments, jobs=kernel.make_jobs, ccache_dir=config.cache_dir / "ccache")
+        fragments=fragments, jobs=kernel.make_jobs, ccache_dir=config.cache_dir / "ccache",
+        tree_owned=kernel.source.startswith(DEBIAN_PREFIX))
     result = kept_in_run(build_kernel(spec, run.file("build.log"), progress), run)
     run.write_json("build.json", {**result.to_dict(), "tree": str(prepared.tree),
                                   "version": str(prepared.version),

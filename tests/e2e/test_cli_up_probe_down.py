@@ -1,6 +1,7 @@
 """`up`, `status`, `probe` and `down` as separate commands: a later command reattaches to the
 guest an earlier one left running, and `down` stops it."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -28,9 +29,14 @@ def test_up_status_probe_down(tmp_path: Path, guest_kernel, capsys) -> None:
         RunFolder.create(tmp_path / "runs", "a-later-build-only-run")
         assert main(arguments + ["status"]) == 0
         assert "guest running" in capsys.readouterr().out
-        assert main(arguments + ["probe"]) == 0
-        assert "VERDICT: PASS" in capsys.readouterr().out
-        assert run.file("junit.xml").is_file()
+        assert main(["status", "--json"] + arguments) == 0
+        guests = json.loads(capsys.readouterr().out)["guests"]
+        assert [g["state"] for g in guests if g["run"] == str(run.path)] == ["running"]
+        assert main(arguments + ["probe", "--json"]) == 0
+        verdict = json.loads(capsys.readouterr().out)
+        assert verdict["passed"] is True and verdict["run"] == str(run.path)
+        for name in ("junit.xml", "report.html", "summary.md"):
+            assert run.file(name).is_file()
     finally:
         assert main(arguments + ["down"]) == 0
     assert guest_session.attach_session(load_config(config), run).guest.exit_status() is not None

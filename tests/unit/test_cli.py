@@ -3,6 +3,7 @@
 import json
 import shutil
 import subprocess
+import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,77 @@ def test_help_version_and_config_after_the_command(config_file: Path, capsys) ->
     assert version.value.code == 0 and capsys.readouterr().out.startswith("gvm ")
     assert main(["status", "--config", str(config_file)]) == 0
     assert "no guest started yet" in capsys.readouterr().out
+
+
+def test_quiet_and_verbose_work_before_and_after_the_command(config_file: Path, capsys) -> None:
+    assert main(["-q", "--config", str(config_file), "patch"]) == 0
+    assert "==> apply" not in capsys.readouterr().err
+    assert main(["--config", str(config_file), "patch", "-v"]) == 0
+    assert "==> apply" in capsys.readouterr().err
+
+
+def test_status_json_names_the_tree_the_series_and_every_guest(config_file: Path,
+                                                               tmp_path: Path, capsys) -> None:
+    orphan = _orphan(tmp_path / "runs", "20261129-100000-a")
+    try:
+        assert main(["--config", str(config_file), "status", "--json"]) == 0
+        status = json.loads(capsys.readouterr().out)
+    finally:
+        orphan.kill()
+        orphan.wait()
+    assert status["series"].endswith("linux-6.1") and status["linux"].startswith("6.1")
+    assert status["guests"] == [{"run": str(tmp_path / "runs" / "20261129-100000-a"),
+                                 "state": "running", "where": "localhost", "pid": orphan.pid,
+                                 "problem": None}]
+
+
+def _broken_tree_config(tmp_path: Path) -> Path:
+    data = shipped_config(tmp_path / "runs")
+    (tmp_path / "not-a-kernel").mkdir()
+    data["guest"]["kernel"]["source"] = str(tmp_path / "not-a-kernel")
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_a_run_that_stops_before_its_verdict_still_leaves_junit_and_reports(tmp_path: Path,
+                                                                           capsys) -> None:
+    assert main(["--config", str(_broken_tree_config(tmp_path)), "run"]) == 2
+    run = tmp_path / "runs" / "latest"
+    suite = ElementTree.parse(run / "junit.xml").getroot()
+    assert (suite.get("tests"), suite.get("errors"), suite.get("failures")) == ("1", "1", "0")
+    assert suite.get("hostname") and suite.get("timestamp") and suite.get("time")
+    error = suite.find("testcase/error")
+    assert error is not None and "not-a-kernel" in error.text
+    assert "ERROR" in (run / "summary.md").read_text()
+    assert "not-a-kernel" in (run / "report.html").read_text()
+
+
+def test_an_interrupted_run_leaves_an_interrupted_junit(config_file: Path, monkeypatch,
+                                                        tmp_path: Path) -> None:
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("harness.suite.run_suite", interrupted)
+    assert main(["--config", str(config_file), "run"]) == 130
+    suite = ElementTree.parse(tmp_path / "runs" / "latest" / "junit.xml").getroot()
+    assert suite.find("testcase").get("name") == "interrupted"
+
+
+def test_gc_keeps_the_newest_latest_and_running_guests(config_file: Path, tmp_path: Path,
+                                                       capsys) -> None:
+    runs = tmp_path / "runs"
+    for name in ("20250101-000000-a", "20250102-000000-b", "20250103-000000-c"):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "initramfs.cpio").write_bytes(b"x" * 4096)
+    orphan = _orphan(runs, "20240101-000000-running")
+    (runs / "latest").symlink_to("20250101-000000-a")
+    try:
+        assert main(["--config", str(config_file), "gc", "--keep", "1", "--dry-run"]) == 0
+        assert len(list(runs.iterdir())) == 5
+        assert main(["--config", str(config_file), "gc", "--keep", "1"]) == 0
+    finally:
+        orphan.kill()
+        orphan.wait()
+    assert sorted(p.name for p in runs.iterdir()) == [
+        "20240101-000000-running", "20250101-000000-a", "20250103-000000-c", "latest"]
+    assert "deleted " + str(runs / "20250102-000000-b") in capsys.readouterr().err

@@ -1,11 +1,12 @@
 """Run folders: unique names, `latest`, and finding the newest run that started a guest."""
 
+import time
 from pathlib import Path
 
 import pytest
 
 from harness.errors import BuildError, KernelUnderTestError
-from harness.run_folder import OUTCOME_FILE, RunFolder
+from harness.run_folder import OUTCOME_FILE, RunFolder, runs_to_prune
 
 
 def test_create_makes_unique_folders_and_points_latest(tmp_path: Path) -> None:
@@ -40,3 +41,26 @@ def test_a_failed_or_interrupted_command_says_so_in_its_run_folder(tmp_path: Pat
     with run.noting_failure():
         pass
     assert not run.file(OUTCOME_FILE).exists()
+
+
+def test_started_at_reads_the_stamp_of_the_name(tmp_path: Path) -> None:
+    run = RunFolder.create(tmp_path, "local")
+    assert abs(run.started_at() - time.time()) < 5
+    assert RunFolder(tmp_path / "no-stamp").started_at() is None
+
+
+def test_the_retention_rule_keeps_the_newest_the_held_and_the_young(tmp_path: Path) -> None:
+    now = time.mktime(time.strptime("20261201-000000", "%Y%m%d-%H%M%S"))
+    names = ["20261130-000000-e", "20261129-000000-d", "20261120-000000-c",
+             "20261110-000000-b", "20261101-000000-a"]
+    runs = [RunFolder(tmp_path / name) for name in names]
+    held = {"20261110-000000-b"}
+
+    def keep(run: RunFolder) -> bool:
+        return run.path.name in held
+
+    assert [r.path.name for r in runs_to_prune(runs, 2, None, now, keep)] == \
+        ["20261120-000000-c", "20261101-000000-a"]
+    assert [r.path.name for r in runs_to_prune(runs, 1, 15 * 86400, now, keep)] == \
+        ["20261101-000000-a"]
+    assert runs_to_prune(runs, 10, None, now, keep) == []

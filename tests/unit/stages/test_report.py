@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import time
 import xml.etree.ElementTree as ElementTree
 from dataclasses import replace
+from html.parser import HTMLParser
 
 from harness.stages.verdict import CheckResult, Verdict
-from harness.stages.report import RunContext, verdict_table, write_junit
+from harness.stages.report import (RunContext, RunError, verdict_table, write_junit,
+                                   write_run_reports)
 
 ENABLED = RunContext(backend="giantvm", accelerator="kvm", nodes=2, vcpus=2,
                      atomic_inc=("ATOMIC_INC: enabled",), atomic_inc_mode="local_first",
@@ -48,3 +52,67 @@ def test_junit_carries_the_context_as_properties(tmp_path) -> None:
     assert properties["atomic_inc_mode"] == "local_first"
     assert properties["workloads"] == "cpu-hog"
     assert json.dumps(ENABLED.to_dict())  # verdict.json can hold it
+
+
+class _Page(HTMLParser):
+    """Every link, image and table row class of a page; fails on unbalanced tags."""
+
+    VOID = {"meta", "img", "br", "link"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[str] = []
+        self.images: list[str] = []
+        self.rows: list[str] = []
+        self.open: list[str] = []
+
+    def handle_starttag(self, tag, attrs) -> None:
+        attributes = dict(attrs)
+        if tag == "a":
+            self.links.append(attributes["href"])
+        elif tag == "img":
+            self.images.append(attributes["src"])
+        elif tag == "tr" and "class" in attributes:
+            self.rows.append(attributes["class"])
+        if tag not in self.VOID:
+            self.open.append(tag)
+
+    def handle_endtag(self, tag) -> None:
+        assert self.open.pop() == tag
+
+
+FAILED = Verdict(VERDICT.checks + (CheckResult("stale reads", "stream", False, 3.0, "<= 0 ticks",
+                                               "vCPU 1 read <3> ticks old | twice"),))
+
+
+def test_report_html_marks_fail_rows_inlines_the_plot_and_every_link_resolves(tmp_path) -> None:
+    (tmp_path / "lag.png").write_bytes(b"\x89PNG\r\n\x1a\nplot")
+    (tmp_path / "console-kernel.log").write_text("Linux version\n")
+    write_junit(FAILED, tmp_path / "junit.xml", "gvm", ENABLED)
+    write_run_reports(tmp_path, "gvm-harness local", FAILED, ENABLED)
+    page = _Page()
+    page.feed((tmp_path / "report.html").read_text())
+    page.close()
+    assert page.open == [] and page.rows == ["pass", "fail"]
+    assert page.links and all((tmp_path / link).is_file() for link in page.links)
+    assert {"junit.xml", "console-kernel.log", "lag.png", "summary.md"} <= set(page.links)
+    assert base64.b64decode(page.images[0].split(",", 1)[1]).startswith(b"\x89PNG")
+    assert "&lt;3&gt;" in (tmp_path / "report.html").read_text()
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.startswith("## gvm-harness local: FAIL")
+    assert "| stream | stale reads | **FAIL** | 3 | <= 0 ticks | vCPU 1 read <3> ticks old \\| " \
+           "twice |" in summary
+
+
+def test_a_run_stopped_before_its_verdict_is_one_error_case(tmp_path) -> None:
+    error = RunError("BuildError", "`make` exited with 2\nsee build.log")
+    write_junit(Verdict(()), tmp_path / "junit.xml", "gvm", started=time.time() - 42,
+                error=error)
+    suite = ElementTree.parse(tmp_path / "junit.xml").getroot()
+    assert (suite.get("tests"), suite.get("errors")) == ("1", "1")
+    assert 41 <= float(suite.get("time")) <= 60
+    case = suite.find("testcase")
+    assert case.get("name") == "BuildError"
+    assert case.find("error").get("message") == "`make` exited with 2"
+    write_run_reports(tmp_path, "gvm-harness local", None, error=error)
+    assert (tmp_path / "summary.md").read_text().startswith("## gvm-harness local: ERROR")
