@@ -28,7 +28,7 @@ from harness.backends.base import Backend, HostLog
 from harness.backends.registry import backend_for, backend_named
 from harness.config import ClusterConfig
 from harness.errors import HarnessError, KernelUnderTestError, ProbeError
-from harness.hosts import preflight_hosts, remote_hosts_used
+from harness.hosts import preflight_hosts
 from harness.progress import Progress
 from harness.run_folder import RunFolder
 from harness.stages.guest_kernel import kernel_hz, patch_and_build
@@ -212,11 +212,12 @@ def run_context(session: GuestSession, observation: Observation,
                          for host, counters in rates.items() if counters))
 
 
-def reach_hosts(config: ClusterConfig, progress: Progress) -> None:
+def reach_hosts(config: ClusterConfig, backend: Backend, progress: Progress) -> None:
     """Every remote host the guest runs on answers before anything is built."""
-    if remote_hosts_used(config):
+    hosts = backend.hosts_to_reach(config)
+    if hosts:
         with progress.step("log in to the remote hosts before building"):
-            preflight_hosts(config)
+            preflight_hosts(hosts, config.path)
 
 
 def build_guest(config: ClusterConfig, run: RunFolder, progress: Progress) -> tuple[Path, int]:
@@ -233,7 +234,7 @@ def announce(session: GuestSession, progress: Progress) -> None:
 
 def up(config: ClusterConfig, run: RunFolder, progress: Progress) -> GuestSession:
     """Build, start and wait for the guest; the session is still attached."""
-    reach_hosts(config, progress)
+    reach_hosts(config, backend_for(config), progress)
     kernel, hz = build_guest(config, run, progress)
     session = boot_guest(config, kernel, hz, run, progress)
     announce(session, progress)
@@ -243,8 +244,7 @@ def up(config: ClusterConfig, run: RunFolder, progress: Progress) -> GuestSessio
 def run_suite(config: ClusterConfig, run: RunFolder, progress: Progress, keep: bool = False,
               backend: Backend | None = None) -> Verdict:
     """Everything, in order; `keep` leaves the guest running afterwards."""
-    if backend is None:  # a backend named by the command brings its own machines
-        reach_hosts(config, progress)
+    reach_hosts(config, backend or backend_for(config), progress)
     kernel, hz = build_guest(config, run, progress)
     return boot_and_judge(config, kernel, hz, run, progress, keep, backend)
 

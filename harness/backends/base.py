@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from harness.config import ClusterConfig
+from harness.config import ClusterConfig, HostConfig
 from harness.progress import Progress
 from harness.run_folder import RunFolder
 
@@ -192,6 +192,10 @@ class Backend(Protocol):
 
     def atomic_inc_mode(self, config: ClusterConfig) -> str | None:
         """The ATOMIC_INC method the hosts' kvm is set to (None: not a host kvm of ours)."""
+
+    def hosts_to_reach(self, config: ClusterConfig) -> list[HostConfig]:
+        """The config's hosts this backend logs in to over SSH, checked before anything is built
+        (hosts the backend boots itself do not exist yet and are not among them)."""
 
     def start(self, spec: StartSpec) -> RunningGuest:
         """Start the guest; on failure nothing of it keeps running."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from harness.backends.accel import choose_accelerator
 from harness.backends.base import BootSpec, GuestEndpoints, HostLog, StartSpec, unix_socket_path
-from harness.config import STOCK_LAUNCHER, ClusterConfig
+from harness.config import STOCK_LAUNCHER, ClusterConfig, HostConfig
 from harness.errors import BootError
 from harness.run_folder import RunFolder
 from harness.transport.local_process import LocalProcess, free_loopback_port
@@ -147,6 +147,9 @@ class LocalQemuBackend:
 
     def judged_config(self, config: ClusterConfig) -> ClusterConfig:
         return config
+
+    def hosts_to_reach(self, config: ClusterConfig) -> list[HostConfig]:
+        return []  # this machine
 
     def atomic_inc_mode(self, config: ClusterConfig) -> str | None:
         return None

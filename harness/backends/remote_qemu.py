@@ -23,7 +23,7 @@ from typing import Sequence
 
 from harness.backends.base import BootSpec, GuestEndpoints, HostLog, StartSpec, unix_socket_path
 from harness.backends.local_qemu import QemuLauncher
-from harness.config import STOCK_LAUNCHER, ClusterConfig
+from harness.config import STOCK_LAUNCHER, ClusterConfig, HostConfig
 from harness.errors import BootError, HarnessError
 from harness.hosts import connect_host
 from harness.run_folder import RunFolder
@@ -363,6 +363,9 @@ class RemoteQemuBackend:
 
     def judged_config(self, config: ClusterConfig) -> ClusterConfig:
         return config
+
+    def hosts_to_reach(self, config: ClusterConfig) -> list[HostConfig]:
+        return [config.hosts[0]]
 
     def atomic_inc_mode(self, config: ClusterConfig) -> str | None:
         return None

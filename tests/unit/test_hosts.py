@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from harness.config import ClusterConfig, HostConfig, parse_config
-from harness.hosts import HostsUnreachable, host_spec, preflight_hosts, remote_hosts_used
+from harness.backends.registry import backend_for
+from harness.hosts import HostsUnreachable, host_spec, preflight_hosts
 from harness.transport.local_process import free_loopback_port
 from harness.transport.remote_host import RemoteHostError, RemoteHostSpec
 from tests.configs import giantvm_config, shipped_config
@@ -29,14 +30,16 @@ def remote_config(tmp_path: Path, *hosts: dict) -> ClusterConfig:
     return parse_config(tmp_path / "remote.yaml", data)
 
 
+def reached(config: ClusterConfig) -> list[str]:
+    return [host.name for host in backend_for(config).hosts_to_reach(config)]
+
+
 def test_the_hosts_checked_before_the_build_are_those_the_guest_runs_on(tmp_path: Path) -> None:
-    assert remote_hosts_used(parse_config(tmp_path / "local.yaml",
-                                          shipped_config(tmp_path / "runs"))) == []
+    assert reached(parse_config(tmp_path / "local.yaml", shipped_config(tmp_path / "runs"))) == []
     config = remote_config(tmp_path, {"name": "far", "address": "192.0.2.1"},
                            {"name": "spare", "address": "192.0.2.2"})
-    assert [host.name for host in remote_hosts_used(config)] == ["far"]
-    giantvm = giantvm_config(tmp_path)
-    assert [host.name for host in remote_hosts_used(giantvm)] == ["h0", "h1"]
+    assert reached(config) == ["far"]
+    assert reached(giantvm_config(tmp_path)) == ["h0", "h1"]
 
 
 def test_an_unreachable_host_fails_the_preflight_with_every_host_named(tmp_path: Path) -> None:
@@ -46,4 +49,4 @@ def test_an_unreachable_host_fails_the_preflight_with_every_host_named(tmp_path:
     with pytest.raises(HostsUnreachable, match=rf"(?s)gone.*FAILED: host 'gone' "
                                                rf"\(root@127.0.0.1:{closed}\): cannot connect.*"
                                                r"nothing was built or started"):
-        preflight_hosts(config)
+        preflight_hosts(config.hosts, config.path)

@@ -107,6 +107,9 @@ class BochsBackend:
                        checks=replace(config.checks, rate_vs_host_clock=False),
                        timeouts=timeouts)
 
+    def hosts_to_reach(self, config: ClusterConfig) -> list[HostConfig]:
+        return []  # the Bochs machine is booted by the run
+
     def atomic_inc_mode(self, config: ClusterConfig) -> str | None:
         return None  # the machine's kvm keeps its default; `bochs-host` reports it
 

@@ -165,6 +165,9 @@ class EmulatedBackend:
         return replace(config, probe=replace(config.probe, transports=("ssh",)),
                        timeouts=timeouts)
 
+    def hosts_to_reach(self, config: ClusterConfig) -> list[HostConfig]:
+        return []  # booted by the run
+
     def atomic_inc_mode(self, config: ClusterConfig) -> str | None:
         return GiantVMBackend().atomic_inc_mode(config)
 

@@ -18,7 +18,7 @@ from harness.backends.giantvm.config import LAUNCHER, giantvm_of, node_hosts
 from harness.backends.giantvm.cluster import ClusterError, GiantVMCluster
 from harness.backends.giantvm.guest import ClusterRecord, GiantVMGuest, start_guest
 from harness.backends.giantvm.lines import GiantVMLauncher, NodePlacement
-from harness.config import ClusterConfig
+from harness.config import ClusterConfig, HostConfig
 from harness.errors import HarnessError
 from harness.hostkvm.modules import ATOMIC_INC_PARAM
 from harness.hosts import OpenHost, close_hosts, connect_hosts, open_host
@@ -75,6 +75,9 @@ class GiantVMBackend:
 
     def judged_config(self, config: ClusterConfig) -> ClusterConfig:
         return config
+
+    def hosts_to_reach(self, config: ClusterConfig) -> list[HostConfig]:
+        return node_hosts(config)
 
     def atomic_inc_mode(self, config: ClusterConfig) -> str | None:
         return giantvm_of(config).atomic_inc_mode

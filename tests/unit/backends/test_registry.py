@@ -81,6 +81,9 @@ class ScriptedBackend:
     def atomic_inc_mode(self, config) -> str | None:
         return None
 
+    def hosts_to_reach(self, config) -> list:
+        return []
+
     def start(self, spec: StartSpec) -> ScriptedGuest:
         console = spec.run.file("console-kernel.log")
         console.write_text(f"Linux version 6.1\n{rootfs.READY_MARKER}\n")
