@@ -4,10 +4,13 @@ guest that is already up (`./gvm --config C up`).
 1. The stream over one SSH channel for --seconds: readings per second per vCPU, lost readings,
    and the coherence checks on what came.
 2. The sampler's guest CPU share: the guest's busy fraction (1 - idle time / wall time, per vCPU,
-   from /proc/stat and /proc/uptime over --busy-seconds) with the stream running (read over SSH,
-   as a run would: hrtimer interrupts, the reader `cat` and dropbear all count) minus the same
-   without it; --repeat pairs, median. With NO_HZ the idle column is the CPU's measured idle sleep
-   (ktime), so the sampler's short interrupts show up in it, which tick sampling would miss.
+   from /proc/stat and /proc/uptime over --busy-seconds) with the stream running minus the same
+   without it; --repeat rounds, median. Where it goes, each line adding a part: the timers alone
+   (the file held open by `sleep`, never read: the rings fill in 4096 readings, 8 s at 500/s, so
+   keep --busy-seconds under 6), the drain formatted and read by `cat` into /dev/null in the
+   guest, and read over SSH as a run reads it (dropbear and the NIC count too). With NO_HZ the
+   idle column is the CPU's measured idle sleep (ktime), so the sampler's short interrupts show up
+   in it, which tick sampling would miss.
 3. The round probe (`cat /proc/gvm_jiffies` over SSH, one exec per round) for comparison: rounds,
    i.e. readings per vCPU, per second.
 
@@ -31,17 +34,32 @@ from harness.stages.coherence import (ClockBounds, check_coherence,  # noqa: E40
                                       measure_clock_bounds)
 from harness.config import DEFAULT_CONFIG, load_config  # noqa: E402
 from harness.stages.probe import JiffiesProbe  # noqa: E402
-from harness.stages.stream import read_stream, stream_command  # noqa: E402
+from harness.stages.stream import STREAM_FILE, read_stream, stream_command  # noqa: E402
 from harness.run_folder import RunFolder  # noqa: E402
 
 BUSY = ("cat /proc/uptime; grep '^cpu[0-9]' /proc/stat; sleep {seconds}; cat /proc/uptime; "
         "grep '^cpu[0-9]' /proc/stat")
 USER_HZ = 100
+# Where the sampler's CPU goes: each adds one part to the one before. None: the run's own way.
+VARIANTS = {
+    "timers only (stream open, never read)": f"timeout {{seconds}} sleep {{seconds}} < {STREAM_FILE}",
+    "timers + drain to /dev/null in the guest": f"timeout -s INT {{seconds}} cat {STREAM_FILE} >/dev/null",
+    "timers + drain + SSH (as a run reads it)": None,
+}
 
 
 def stream_over_ssh(ssh, seconds: float, rate: int | None, vcpus_per_node: int):
     with ssh.lines(stream_command(rate, seconds + 10)) as lines:
         return read_stream(lines, seconds, vcpus_per_node)
+
+
+def sample(ssh, command: str | None, seconds: float, rate: int | None, vcpus_per_node: int,
+           box: dict) -> None:
+    """One variant for `seconds`: a guest command, or (None) the stream over SSH into box["r"]."""
+    if command is None:
+        box["r"] = stream_over_ssh(ssh, seconds, rate, vcpus_per_node)
+    else:
+        ssh.run(command.format(seconds=int(seconds)), seconds + 30)
 
 
 def busy(ssh, seconds: float) -> dict[int, float]:
@@ -64,7 +82,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path)
     parser.add_argument("--rate", type=int, default=None, help="stream_hz (default: the guest's)")
     parser.add_argument("--seconds", type=float, default=20)
-    parser.add_argument("--busy-seconds", type=float, default=10)
+    parser.add_argument("--busy-seconds", type=float, default=5)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
@@ -97,28 +115,31 @@ def main() -> None:
         print(f"  {check.name:20s} {'PASS' if check.passed else 'FAIL'} {check.measured:g} "
               f"({check.limit}): {check.detail[:300]}")
 
-    # 2. CPU share: busy fraction with the stream minus without
-    shares: list[float] = []
+    # 2. CPU share: busy fraction with the stream minus without, and where it goes
+    shares: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for index in range(args.repeat):
         without = busy(ssh, args.busy_seconds)
-        box: dict = {}
-        thread = threading.Thread(target=lambda: box.update(
-            r=stream_over_ssh(ssh, args.busy_seconds + 4, args.rate, per_node)))
-        thread.start()
-        time.sleep(2)
-        with_stream = busy(ssh, args.busy_seconds)
-        thread.join()
-        share = statistics.mean(with_stream.values()) - statistics.mean(without.values())
-        shares.append(share)
-        rates = box["r"].readings_per_s() if "r" in box else {}
         print(f"\npair {index + 1}: busy without stream "
-              f"{ {c: round(v * 100, 2) for c, v in sorted(without.items())} } %, with "
-              f"{ {c: round(v * 100, 2) for c, v in sorted(with_stream.items())} } %: "
-              f"share {share * 100:.2f} % of the guest; stream meanwhile "
-              f"{ {c: round(r) for c, r in rates.items()} } readings/s")
-    print(f"\nsampler guest CPU share (median of {len(shares)}): "
-          f"{statistics.median(shares) * 100:.2f} %  (all: "
-          f"{', '.join(f'{s * 100:.2f}' for s in shares)})")
+              f"{ {c: round(v * 100, 2) for c, v in sorted(without.items())} } %")
+        for name, command in VARIANTS.items():
+            box: dict = {}
+            thread = threading.Thread(target=sample, args=(
+                ssh, command, args.busy_seconds + 4, args.rate, per_node, box))
+            thread.start()
+            time.sleep(2)
+            with_stream = busy(ssh, args.busy_seconds)
+            thread.join()
+            share = statistics.mean(with_stream.values()) - statistics.mean(without.values())
+            shares[name].append(share)
+            rates = box["r"].readings_per_s() if "r" in box else {}
+            print(f"  {name}: busy {statistics.mean(with_stream.values()) * 100:.2f} %, "
+                  f"share {share * 100:.2f} % of the guest"
+                  + (f"; stream {({c: round(r) for c, r in rates.items()})} readings/s"
+                     if rates else ""))
+    print("\nsampler guest CPU share, median of each (all):")
+    for name, values in shares.items():
+        print(f"  {name:45s} {statistics.median(values) * 100:6.2f} %  "
+              f"({', '.join(f'{v * 100:.2f}' for v in values)})")
 
     # 3. the round probe
     probe = JiffiesProbe(ssh, "ssh", vcpus, per_node)

@@ -5,7 +5,6 @@ readings while the host runs something else."""
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -237,15 +236,12 @@ def test_without_a_clock_bound_cross_node_pairs_are_not_compared_and_the_detail_
         in result.detail
 
 
-def test_a_minute_of_four_vcpus_at_1000_per_second_is_judged_quickly() -> None:
+def test_a_minute_of_four_vcpus_at_1000_per_second_is_judged() -> None:
+    """How long it takes is benchmarks/judge_speed.py's to say, not a unit test's."""
     readings = Guest(seconds=60, rate=1000, jitter_ns=100_000).readings()
     assert len(readings) == 240_000
-    clocks = ClockBounds.one_clock([0, 1])
-    began = time.perf_counter()
-    results = check_coherence(readings, HZ, "stream", 50, clocks)
-    elapsed = time.perf_counter() - began
+    results = check_coherence(readings, HZ, "stream", 50, ClockBounds.one_clock([0, 1]))
     assert all(c.passed for c in results), results
-    assert elapsed < 15, f"{elapsed:.1f} s"
 
 
 @pytest.mark.parametrize("rounds", [20, 200])
