@@ -29,7 +29,7 @@ DEFAULT_CONFIG = REPO_ROOT / "vm_configs" / "local.yaml"
 LAUNCHERS = ("qemu", "giantvm")
 ACCELERATORS = ("auto", "tcg", "kvm")
 PROBE_TRANSPORTS = ("ssh", "serial")
-WORKLOADS = ("cpu-hog", "page-writer")  # stages/workloads.py
+WORKLOADS = ("cpu-hog", "page-writer", "tick-mover", "nanosleep")  # stages/workloads.py
 ATOMIC_INC_MODES = ("send_all", "local_first")  # kvm.atomic_inc_mode (host_patches/README.md)
 BOOT_MODES = ("once", "default")  # host_install: grub-reboot or grub-set-default
 BOCHS_CLOCK_SYNCS = ("slowdown", "realtime", "both", "none")  # Bochs' `clock: sync=`
