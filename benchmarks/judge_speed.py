@@ -17,8 +17,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness.stages.coherence import (ClockBounds, check_lag, check_monotonic,
-                                      check_stale_reads, check_tick_count)
+from harness.stages.coherence import (
+    ClockBounds,
+    check_lag,
+    check_monotonic,
+    check_stale_reads,
+    check_tick_count,
+)
 from tests.unit.stages.test_coherence import HZ, Guest
 
 

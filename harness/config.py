@@ -29,7 +29,7 @@ DEFAULT_CONFIG = REPO_ROOT / "vm_configs" / "local.yaml"
 STOCK_LAUNCHER = "qemu"  # one stock QEMU; a backend's section may add its own launcher
 ACCELERATORS = ("auto", "tcg", "kvm")
 PROBE_TRANSPORTS = ("ssh", "serial")
-WORKLOADS = ("cpu-hog", "page-writer")  # stages/workloads.py
+WORKLOADS = ("cpu-hog", "page-writer", "tick-mover", "nanosleep")  # stages/workloads.py
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from harness.stages.report import (RunContext, plot_lag, verdict_table, write_ju
                                    write_run_reports)
 from harness.stages.stream import STREAM_FILE, StreamResult, read_stream, stream_command
 from harness.stages.verdict import CheckResult, Verdict
-from harness.stages.workloads import start_commands, stop_commands
+from harness.stages.workloads import report as report_workloads, start_commands, stop_commands
 from harness.guest_session import GuestSession, attach_session, boot_guest
 from harness.transport.console_log import read_log
 
@@ -91,6 +91,7 @@ def stream_guest(session: GuestSession, progress: Progress) -> StreamResult | No
             with ssh.lines(stream_command(config.probe.stream_hz or None,
                                           seconds + STREAM_SLACK_S)) as lines:
                 stream = read_stream(lines, seconds, record.vcpus_per_node)
+            stream.workloads = report_workloads(workloads, ssh)
         finally:
             for command in stop_commands(workloads):
                 ssh.run(command)
@@ -205,7 +206,7 @@ def run_context(session: GuestSession, observation: Observation,
         backend=record.kind, accelerator=session.guest.accelerator, nodes=config.vm.nodes,
         vcpus=record.vcpus, atomic_inc=tuple(atomic_inc_lines(session.kernel_console_log)),
         atomic_inc_mode=backend_named(record.kind).atomic_inc_mode(config),
-        host_load=host_load, workloads=config.probe.workloads if stream is not None else (),
+        host_load=host_load, workloads=stream.workloads if stream is not None else (),
         readings_per_s_per_vcpu=round(per_vcpu, 1),
         host_rates=tuple(f"{host}: " + ", ".join(f"{name} {rate:g}/s"
                                                   for name, rate in counters.items())

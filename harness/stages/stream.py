@@ -5,7 +5,12 @@ second into that vCPU's ring (no IPI per reading); reading the file drains the r
 
     drain cpu=<x> now_ns=<u64>                            one per read() in the guest, first
     cpu=<n> jiffies=<u64> before_ns=<u64> after_ns=<u64>  a reading with its guest-clock interval
+    <+-jiffies delta> <before_ns delta> <width_ns>        the next reading of the same CPU, as
+                                                          deltas from the reading line before it
     lost=<n> cpu=<c>                                      readings dropped on CPU c (its ring was full)
+
+(The delta lines carry a quarter of the bytes: the SSH transport was most of the sampler's guest
+CPU share, benchmarks/stream_sampler.py. A series without them sends full lines only.)
 
 Every reading after a `drain` line (up to the next one) was written before `now_ns` on CPU x's
 clock: `harness.stages.coherence.measure_clock_bounds` turns that into bounds on the clock
@@ -34,6 +39,7 @@ NS_PER_S = 1_000_000_000
 
 _DRAIN = re.compile(r"^drain cpu=(\d+) now_ns=(\d+)$")
 _LOST = re.compile(r"^lost=(\d+)(?: cpu=(\d+))?$")
+_DELTA = re.compile(r"^([+-]\d+) (\d+) (\d+)$")
 
 
 class LineSource(Protocol):
@@ -76,6 +82,7 @@ class StreamResult:
     lost: dict[int, int] = field(default_factory=dict)      # vCPU -> readings dropped in guest
     unparsed: list[str] = field(default_factory=list)       # lines that were none of the above
     host_elapsed_s: float = 0.0
+    workloads: tuple[str, ...] = ()  # what ran meanwhile, as workloads.report names it
 
     def readings_per_s(self) -> dict[int, float]:
         """Readings per second of guest time, per vCPU (first reading to last)."""
@@ -101,7 +108,8 @@ class StreamResult:
     def to_dict(self) -> dict:
         return {"readings": [asdict(r) for r in self.readings],
                 "drains": [asdict(d) for d in self.drains], "lost": self.lost,
-                "unparsed": self.unparsed, "host_elapsed_s": self.host_elapsed_s}
+                "unparsed": self.unparsed, "host_elapsed_s": self.host_elapsed_s,
+                "workloads": list(self.workloads)}
 
 
 def stream_command(rate_hz: int | None = None, max_s: float | None = None) -> str:
@@ -128,6 +136,7 @@ class StreamParser:
         self.result = StreamResult()
         self._drain: tuple[int, int] | None = None
         self._newest: dict[int, int] = {}
+        self._last: Reading | None = None  # what the next delta line is relative to
 
     def node(self, vcpu: int) -> int:
         return vcpu // self.vcpus_per_node
@@ -138,10 +147,15 @@ class StreamParser:
             return
         row = parse_reading_line(line)
         if row is not None:
-            self.result.readings.append(Reading(row.vcpu, self.node(row.vcpu), row.jiffies,
-                                                row.before_ns, row.after_ns))
-            if self._drain is not None:
-                self._newest[row.vcpu] = max(self._newest.get(row.vcpu, 0), row.after_ns)
+            self._add(Reading(row.vcpu, self.node(row.vcpu), row.jiffies, row.before_ns,
+                              row.after_ns))
+            return
+        match = _DELTA.match(line)
+        if match and self._last is not None:
+            last = self._last
+            before = last.before_ns + int(match.group(2))
+            self._add(Reading(last.vcpu, last.node, last.jiffies + int(match.group(1)), before,
+                              before + int(match.group(3))))
             return
         match = _DRAIN.match(line)
         if match:
@@ -155,12 +169,19 @@ class StreamParser:
             return
         self.result.unparsed.append(line)
 
+    def _add(self, reading: Reading) -> None:
+        self.result.readings.append(reading)
+        self._last = reading
+        if self._drain is not None:
+            self._newest[reading.vcpu] = max(self._newest.get(reading.vcpu, 0), reading.after_ns)
+
     def _close_drain(self) -> None:
         if self._drain is not None and self._newest:
             vcpu, now_ns = self._drain
             self.result.drains.append(Drain(vcpu, self.node(vcpu), now_ns, dict(self._newest)))
         self._drain = None
         self._newest = {}
+        self._last = None
 
     def finish(self) -> StreamResult:
         self._close_drain()

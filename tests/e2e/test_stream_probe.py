@@ -1,4 +1,4 @@
-"""The guest series' continuous sampler and page writer on the real guest, read over SSH."""
+"""The guest series' continuous sampler, page writer and tick mover on the real guest, over SSH."""
 
 import time
 
@@ -6,6 +6,7 @@ import pytest
 
 from harness.stages.coherence import ClockBounds, check_coherence, measure_clock_bounds
 from harness.stages.stream import (PAGE_WRITER_FILE, STREAM_FILE, page_writer_command, read_stream, stream_command)
+from harness.stages.workloads import TICK_MOVER_FILE, tick_mover_command
 
 pytestmark = pytest.mark.e2e
 
@@ -57,3 +58,24 @@ def test_page_writer_writes_without_changing_jiffies(cluster, guest_ssh) -> None
         assert guest_ssh.run(page_writer_command(0)).exit_status == 0
     assert guest_ssh.run(f"cat {PAGE_WRITER_FILE}").check("w").startswith("period_us=0 cpu=-1")
     assert guest_ssh.run(page_writer_command(5)).exit_status != 0      # below 10 us: refused
+
+
+def test_tick_mover_hands_the_tick_to_every_vcpu_and_jiffies_stay_coherent(
+        cluster, cluster_config, guest_ssh) -> None:
+    assert guest_ssh.run(tick_mover_command(20_000, 30)).exit_status == 0
+    try:
+        holders = {int(guest_ssh.run(f"cat {TICK_MOVER_FILE}").check("mover")
+                       .split("timekeeper=")[1]) for _ in range(20)}
+        assert holders == set(range(cluster_config.vm.vcpus)), holders
+        result = stream(guest_ssh, 5, cluster.record.vcpus_per_node)
+        hz = cluster.record.hz
+        checks = check_coherence(result.readings, hz, "ssh-stream", hz,   # lag bound: 1 s
+                                 ClockBounds.one_clock({r.node for r in result.readings}))
+        assert all(c.passed for c in checks), [c for c in checks if not c.passed]
+        moves = int(guest_ssh.run(f"cat {TICK_MOVER_FILE}").check("mover")
+                    .split("moves=")[1].split()[0])
+        assert moves > 100
+    finally:
+        assert guest_ssh.run(tick_mover_command(0)).exit_status == 0
+    assert guest_ssh.run(f"cat {TICK_MOVER_FILE}").check("m").startswith("period_us=0 moves=")
+    assert guest_ssh.run(tick_mover_command(50)).exit_status != 0      # below 100 us: refused

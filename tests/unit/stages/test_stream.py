@@ -74,3 +74,34 @@ def test_commands() -> None:
     assert page_writer_command(100) == "echo '100' > /proc/gvm_jiffies_page_writer"
     assert page_writer_command(0) == "echo '0' > /proc/gvm_jiffies_page_writer"
     assert page_writer_command(50, vcpu=3) == "echo '50 3' > /proc/gvm_jiffies_page_writer"
+
+
+COMPACT = """\
+drain cpu=1 now_ns=9000000
+cpu=0 jiffies=4294967295 before_ns=1000000 after_ns=1000010
++0 2000000 7
++1 2000500 12
+-3 1999000 9
+cpu=1 jiffies=4294967296 before_ns=1000100 after_ns=1000120
++0 2000000 20
+drain cpu=0 now_ns=19000000
++1 2000000 5
+cpu=0 jiffies=4294967300 before_ns=11000000 after_ns=11000010
+"""
+
+
+def test_delta_lines_follow_the_reading_line_before_them_and_stop_at_a_drain() -> None:
+    result = parse_stream(COMPACT.splitlines(), vcpus_per_node=1)
+    assert result.readings == [
+        Reading(0, 0, 4294967295, 1000000, 1000010),
+        Reading(0, 0, 4294967295, 3000000, 3000007),
+        Reading(0, 0, 4294967296, 5000500, 5000512),
+        Reading(0, 0, 4294967293, 6999500, 6999509),   # a value that went back stays what it was
+        Reading(1, 1, 4294967296, 1000100, 1000120),
+        Reading(1, 1, 4294967296, 3000100, 3000120),
+        Reading(0, 0, 4294967300, 11000000, 11000010)]
+    # a drain starts afresh: a delta before any full line has nothing to follow
+    assert result.unparsed == ["+1 2000000 5"]
+    assert result.drains[0] == Drain(1, 1, 9000000, {0: 6999509, 1: 3000120})
+    failed = {c.name for c in check_coherence(result.readings, 250, "s", 50) if not c.passed}
+    assert {"stale reads", "monotonic per vCPU"} <= failed
