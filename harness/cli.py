@@ -13,14 +13,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from harness import guest_session, modelcheck, suite
-from harness.backends.base import BootSpec
-from harness.backends.bochs.backend import BochsBackend, describe, required_qemu_tree
-from harness.backends.bochs.host import start_bochs_host
-from harness.backends.giantvm.backend import launcher_for
-from harness.config import DEFAULT_CONFIG, REPO_ROOT, ClusterConfig, load_config
+from harness.backends.base import Backend, BackendCommand
+from harness.backends import registry
+from harness.backends.registry import load_config
+from harness.config import DEFAULT_CONFIG, REPO_ROOT, ClusterConfig
 from harness.errors import HarnessError, KernelUnderTestError
 from harness.hostkvm import tree as host_tree
-from harness.hostkvm.deploy import deploy_host_kvm
 from harness.hostkvm.qemu_build import build_giantvm_qemu
 from harness.progress import Progress
 from harness.run_folder import RunFolder
@@ -114,16 +112,10 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--all", action="store_true",
                              help="stop the guest of every run that still has one running")
         sub.set_defaults(handler=handler)
-    commands.add_parser("deploy", help="install the host kvm (GiantVM configs) on every node's "
-                                       "host").set_defaults(handler=_deploy)
-    commands.add_parser("plan", help="print the QEMU command line of every node, run nothing") \
-        .set_defaults(handler=_plan)
-    bochs = commands.add_parser("bochs-host", help="boot the config's Bochs-emulated VMX host, "
-                                                   "report what it offers KVM, stop it")
-    bochs.add_argument("--guest", action="store_true",
-                       help="also build the guest and run the jiffies suite on it under KVM on "
-                            "the Bochs machine (needs bochs_host.qemu_tree)")
-    bochs.set_defaults(handler=_bochs_host)
+    for command, backend in registry.commands():
+        sub = commands.add_parser(command.name, help=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(handler=_backend_command(command, backend))
     host = commands.add_parser("host-build", help="apply the host series to a Linux-DSM tree and "
                                                   "build its kvm (modules, or the whole kernel)")
     host.add_argument("--tree", type=Path, required=True, help="the Linux-DSM source tree")
@@ -229,10 +221,9 @@ def _up(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> 
     session.detach()
     progress.say(f"guest is up on {session.guest.where} (pid {session.guest.pid}); "
                  f"run folder: {run.path}")
-    if session.record.kind == "local-qemu":
-        progress.say(f"    ssh -i {session.record.access.client_key} -p "
-                     f"{session.guest.endpoints.ssh_port} -o StrictHostKeyChecking=no "
-                     "root@127.0.0.1")
+    login = session.guest.login_command(session.record.access.client_key)
+    if login is not None:
+        progress.say(f"    {login}")
     progress.say("    then: ./gvm probe; ./gvm down")
     return 0
 
@@ -280,52 +271,16 @@ def _run(args: argparse.Namespace, config: ClusterConfig, progress: Progress) ->
     return _report(verdict, run)
 
 
-def _deploy(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
-    run = RunFolder.create(config.run_root, f"deploy-{config.name}")
-    deploy_host_kvm(config, run, progress)
-    progress.say(f"run folder: {run.path}")
-    return 0
-
-
-def _bochs_host(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
-    if config.bochs_host is None:
-        raise HarnessError(f"{config.path} has no bochs_host section (kernel, memory_mb, ...)")
-    if args.guest:
-        required_qemu_tree(config)  # before minutes of build and boot
-    run = RunFolder.create(config.run_root, f"bochs-{config.name}")
-    if args.guest:
-        verdict = suite.run_suite(config, run, progress, backend=BochsBackend())
-        for line in suite.atomic_inc_lines(run.file("console-kernel.log")):
-            print(f"guest says: {line}")
-        print("not judged on an emulated host: the rate against this machine's clock")
-        return _report(verdict, run)
-    host = start_bochs_host(config.bochs_host, run, progress)
-    try:
-        facts = host.facts()
-    finally:
-        host.stop()
-    print("\n".join(describe(host, facts)))
-    run.write_json("bochs-host.json", {"boot_s": host.boot_s, "ssh_s": host.ssh_s,
-                                       "facts": asdict(facts)})
-    print(f"run folder: {run.path}")
-    return 0
-
-
-def _plan(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
-    """What `up` would start, with placeholders for the files only a build can name."""
-    boot = BootSpec(Path("<bzImage>"), Path("<initramfs>"), config.guest.cmdline,
-                             config.vm.vcpus, config.vm.memory_mb)
-    if config.giantvm is None:
-        print(f"one stock QEMU ({config.vm.qemu_binary}) on {config.hosts[0].name}; "
-              "`harness up` prints its line into launch.json")
-        return 0
-    launcher = launcher_for(config, boot, "<run>")
-    for command in launcher.node_commands():
-        print(f"# node {command.node} on {command.host}\n{command.shell()}")
-    print("# TCP ports that must be free:")
-    for need in launcher.required_ports():
-        print(f"#   {need.host} {need.ip}:{need.port} node {need.node} {need.purpose}")
-    return 0
+def _backend_command(command: BackendCommand, backend: Backend):
+    """The handler of a backend's own subcommand; with its suite flag, the whole suite on that
+    backend (the backend checks the config first: nothing is built for a config it cannot run)."""
+    def handle(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:
+        if command.suite_flag is None or not getattr(args, command.suite_flag):
+            return command.run(args, config, progress)
+        backend.judged_config(config)
+        run = RunFolder.create(config.run_root, f"{backend.kind}-{config.name}")
+        return _report(suite.run_suite(config, run, progress, backend=backend), run)
+    return handle
 
 
 def _host_build(args: argparse.Namespace, config: ClusterConfig, progress: Progress) -> int:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import shlex
 from typing import Callable, Iterable
 
-from harness.config import ClusterConfig, GiantVMConfig, HostConfig
-from harness.errors import HarnessError
+from harness.config import HostConfig
 from harness.transport.guest_ssh import LoginNotYet, SSHNotReady, log_in_when_ready
 from harness.transport.parallel import on_hosts
 from harness.transport.remote_host import (HostKeyError, HostUnreachable, RemoteHost,
@@ -42,23 +41,10 @@ def close_hosts(hosts: Iterable[RemoteHost]) -> None:
         host.close()
 
 
-def giantvm_of(config: ClusterConfig) -> GiantVMConfig:
-    if config.giantvm is None:
-        raise HarnessError(f"{config.path} does not use the GiantVM launcher (vm.launcher: "
-                           "giantvm); there is no host kvm to deploy for a stock QEMU")
-    return config.giantvm
-
-
-def node_hosts(config: ClusterConfig) -> list[HostConfig]:
-    """Each host that runs a GiantVM node, once, in the order of its first node."""
-    names = dict.fromkeys(node.host for node in giantvm_of(config).nodes)
-    return [config.host(name) for name in names]
-
-
-def connect_node_hosts(config: ClusterConfig,
-                       opener: OpenHost | None = None) -> dict[str, RemoteHost]:
-    """Log in to every node's host at once; if any fails, none stays connected."""
-    hosts = {host.name: (opener or open_host)(host) for host in node_hosts(config)}
+def connect_hosts(configs: list[HostConfig],
+                  opener: OpenHost | None = None) -> dict[str, RemoteHost]:
+    """Log in to every host at once; if any fails, none stays connected."""
+    hosts = {host.name: (opener or open_host)(host) for host in configs}
     result = on_hosts(list(hosts.values()), "connect", lambda host: host.connect())
     if result.failed:
         close_hosts(hosts.values())

@@ -12,7 +12,8 @@ from typing import Callable, Iterator
 import pytest
 
 from harness import guest_session
-from harness.config import DEFAULT_CONFIG, ClusterConfig, load_config
+from harness.backends.registry import load_config
+from harness.config import DEFAULT_CONFIG, ClusterConfig
 from harness.progress import Progress
 from harness.run_folder import RunFolder
 from harness.stages.build import KernelBuildResult

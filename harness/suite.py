@@ -24,7 +24,7 @@ from typing import Iterator
 import paramiko
 
 from harness.backends.base import Backend, HostLog
-from harness.backends.registry import backend_for
+from harness.backends.registry import backend_for, backend_named
 from harness.config import ClusterConfig
 from harness.errors import HarnessError, KernelUnderTestError, ProbeError
 from harness.hosts import preflight_hosts, remote_hosts_used
@@ -200,7 +200,7 @@ def run_context(session: GuestSession, observation: Observation,
     return RunContext(
         backend=record.kind, accelerator=session.guest.accelerator, nodes=config.vm.nodes,
         vcpus=record.vcpus, atomic_inc=tuple(atomic_inc_lines(session.kernel_console_log)),
-        atomic_inc_mode=config.giantvm.atomic_inc_mode if config.giantvm else None,
+        atomic_inc_mode=backend_named(record.kind).atomic_inc_mode(config),
         host_load=host_load, workloads=config.probe.workloads if stream is not None else (),
         readings_per_s_per_vcpu=round(per_vcpu, 1),
         host_rates=tuple(f"{host}: " + ", ".join(f"{name} {rate:g}/s"

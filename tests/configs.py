@@ -5,7 +5,8 @@ from pathlib import Path
 
 import yaml
 
-from harness.config import DEFAULT_CONFIG, REPO_ROOT, ClusterConfig, parse_config
+from harness.backends.registry import parse_config
+from harness.config import DEFAULT_CONFIG, REPO_ROOT, ClusterConfig
 
 GIANTVM_EXAMPLE = REPO_ROOT / "vm_configs" / "giantvm-2node.yaml"
 

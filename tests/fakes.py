@@ -1,5 +1,5 @@
 """Fakes shared by unit tests that stand in for a boundary (a port forward, an SSH channel,
-the clock, a cluster host)."""
+the clock, a host that runs QEMU)."""
 
 import shlex
 import socket
@@ -21,20 +21,6 @@ class FakeForward:
 
     def close(self) -> None:
         self.closed = True
-
-
-class Forwarding:
-    """RemoteHost's forwards for a fake host: recorded in `self.forwards`, never opened."""
-
-    forwards: list
-
-    def forward(self, target, local_port=0, local_path=None) -> FakeForward:
-        forward = FakeForward(target, 0 if local_path else local_port or 45678, local_path)
-        self.forwards.append(forward)
-        return forward
-
-    def open_channel_to(self, target, origin=("127.0.0.1", 0), timeout_s=10.0):
-        raise RemoteHostError("not in this test")
 
 
 class FakeClock:
@@ -80,16 +66,19 @@ class FakeProcess:
     released: bytes = b""
     alive: bool = True
     dies_after_polls: int | None = None  # running_pid answers None after this many polls
-    exit_code: str = "1\n"
+    exit_code: str | None = "1\n"  # what its qemu.exit file holds once it died; None: no file
     polls: int = 0
+    pid: int = 1000
 
 
 @dataclass
-class FakeHost(Forwarding):
-    """Records every call (also into a shared event list) and answers from a script."""
+class FakeHost:
+    """A host that runs QEMU (a stock one or GiantVM nodes): records every call as (host, call,
+    ...) in `events`, which several hosts may share, and answers from a script."""
 
     name: str
     ips: list[str]
+    work_dir: str = "/srv/gvm"
     events: list = field(default_factory=list)
     listeners: list[str] = field(default_factory=list)  # "addr:port"
     has_binary: bool = True
@@ -102,11 +91,31 @@ class FakeHost(Forwarding):
     forwards: list = field(default_factory=list)
     connected: bool = True
     kvm_mode: str | None = "send_all"  # kvm.atomic_inc_mode; None: an unpatched kvm
+    answers: dict[str, str] = field(default_factory=dict)  # stdout of a command containing key
+    connect_error: Exception | None = None
+    stop_error: Exception | None = None
     closes: int = 0
 
     @property
     def spec(self) -> RemoteHostSpec:
-        return RemoteHostSpec(self.name, self.ips[0], work_dir="/srv/gvm")
+        return RemoteHostSpec(self.name, self.ips[0], work_dir=self.work_dir)
+
+    @property
+    def calls(self) -> list[tuple]:
+        """This host's own events, without its name."""
+        return [event[1:] for event in self.events if event[0] == self.name]
+
+    def kinds(self) -> list[str]:
+        return [call[0] for call in self.calls]
+
+    def forward(self, target, local_port=0, local_path=None) -> FakeForward:
+        """Recorded in `forwards`, never opened."""
+        forward = FakeForward(target, 0 if local_path else local_port or 45678, local_path)
+        self.forwards.append(forward)
+        return forward
+
+    def open_channel_to(self, target, origin=("127.0.0.1", 0), timeout_s=10.0):
+        raise RemoteHostError("not in this test")
 
     def _call(self, *what) -> None:
         self.events.append((self.name, *what))
@@ -116,16 +125,22 @@ class FakeHost(Forwarding):
 
     def connect(self) -> "FakeHost":
         self._call("connect")
+        if self.connect_error is not None:
+            raise self.connect_error
         return self
 
     def close(self) -> None:
+        self.events.append((self.name, "close"))
         self.closes += 1
 
     def run(self, command, timeout_s=60.0, check=False, as_root=False) -> RemoteResult:
         text = command if isinstance(command, str) else shlex.join(command)
         self._call("run", text)
         status, out = 0, ""
-        if text == "ip -4 -o addr show":
+        answer = next((out for key, out in self.answers.items() if key in text), None)
+        if answer is not None:
+            out = answer
+        elif text == "ip -4 -o addr show":
             out = "1: lo    inet 127.0.0.1/8 scope host lo\n" + "".join(
                 f"2: eth0    inet {ip}/24 brd 10.0.0.255 scope global eth0\n" for ip in self.ips)
         elif text == LISTENERS_COMMAND:
@@ -147,8 +162,8 @@ class FakeHost(Forwarding):
             out = self.dmesg
         elif text.startswith("cat ") and "qemu.exit" in text:
             name = next((n for n in self.processes if not self.processes[n].alive), None)
-            out = self.processes[name].exit_code if name else ""
-            status = 0 if name else 1
+            code = self.processes[name].exit_code if name else None
+            out, status = (code, 0) if code is not None else ("", 1)
         result = RemoteResult(self.name, text, status, out, "")
         if check:
             result.check()
@@ -157,9 +172,10 @@ class FakeHost(Forwarding):
     def start_detached(self, name, argv, as_root=False, timeout_s=15.0) -> DetachedProcess:
         self._call("start_detached", name, list(argv))
         chunks, dies = self.script.get(name, ([b"QEMU says hi\n"], None))  # type: ignore
-        self.processes[name] = FakeProcess(list(chunks), dies_after_polls=dies)
-        return DetachedProcess(self.name, name, 1000 + len(self.processes),
-                               f"/srv/gvm/proc/{name}.pid", f"/srv/gvm/proc/{name}.log")
+        process = FakeProcess(list(chunks), dies_after_polls=dies, pid=1001 + len(self.processes))
+        self.processes[name] = process
+        return DetachedProcess(self.name, name, process.pid, f"{self.work_dir}/proc/{name}.pid",
+                               f"{self.work_dir}/proc/{name}.log")
 
     def running_pid(self, name, as_root=False):
         self._call("running_pid", name)
@@ -169,10 +185,12 @@ class FakeHost(Forwarding):
         process.polls += 1
         if process.dies_after_polls is not None and process.polls > process.dies_after_polls:
             process.alive = False
-        return 1000 if process.alive else None
+        return process.pid if process.alive else None
 
     def stop_detached(self, name, grace_s=5.0, as_root=False):
         self._call("stop_detached", name)
+        if self.stop_error is not None:
+            raise self.stop_error
         process = self.processes.get(name)
         if process is None:
             return "not running"

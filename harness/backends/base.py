@@ -9,11 +9,12 @@ holds its `kind` and the JSON form of its guest's `record()`; `attach` rebuilds 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from harness.config import ClusterConfig
 from harness.progress import Progress
@@ -101,6 +102,10 @@ class RunningGuest(Protocol):
     def qemu_log_tail(self, lines: int = 10) -> str:
         """The end of QEMU's own output, for error messages."""
 
+    def login_command(self, client_key: str) -> str | None:
+        """A shell command that logs in to the guest after this process has left it running;
+        None where the way in (a forward of this process) closes with it."""
+
     def record(self) -> Any:
         """A dataclass of what `attach` needs to find this guest again (saved as JSON)."""
 
@@ -142,6 +147,9 @@ class GuestOnBootedHosts(ABC):
     def qemu_log_tail(self, lines: int = 10) -> str:
         return self.guest.qemu_log_tail(lines)
 
+    def login_command(self, client_key: str) -> str | None:
+        return None  # through forwards to machines of this process
+
     def host_logs(self) -> list[HostLog]:
         return self.guest.host_logs()
 
@@ -159,6 +167,19 @@ class GuestOnBootedHosts(ABC):
         """End the machines the guest ran on."""
 
 
+@dataclass(frozen=True)
+class BackendCommand:
+    """A subcommand that one backend brings (GiantVM's `plan`, Bochs' `bochs-host`): the registry
+    lists them and the CLI adds them, so the CLI names no backend."""
+
+    name: str
+    help: str
+    run: Callable[[argparse.Namespace, ClusterConfig, Progress], int]
+    add_arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None
+    # With this flag given, the CLI runs the whole suite on the command's backend instead.
+    suite_flag: str | None = None
+
+
 class Backend(Protocol):
     kind: str  # what session.json calls it
 
@@ -166,7 +187,11 @@ class Backend(Protocol):
         """Whether this backend runs the guest `config` describes (the registry asks in turn)."""
 
     def judged_config(self, config: ClusterConfig) -> ClusterConfig:
-        """`config` as the suite should use it with this backend (timeouts, transports, checks)."""
+        """`config` as the suite should use it with this backend (timeouts, transports, checks);
+        raises when the config lacks what the backend needs, before anything is built."""
+
+    def atomic_inc_mode(self, config: ClusterConfig) -> str | None:
+        """The ATOMIC_INC method the hosts' kvm is set to (None: not a host kvm of ours)."""
 
     def start(self, spec: StartSpec) -> RunningGuest:
         """Start the guest; on failure nothing of it keeps running."""

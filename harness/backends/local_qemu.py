@@ -13,7 +13,7 @@ from pathlib import Path
 
 from harness.backends.accel import choose_accelerator
 from harness.backends.base import BootSpec, GuestEndpoints, HostLog, StartSpec, unix_socket_path
-from harness.config import ClusterConfig
+from harness.config import STOCK_LAUNCHER, ClusterConfig
 from harness.errors import BootError
 from harness.run_folder import RunFolder
 from harness.transport.local_process import LocalProcess, free_loopback_port
@@ -121,6 +121,10 @@ class QemuGuest:
                                 f"see {self.process.log}")
             time.sleep(0.05)
 
+    def login_command(self, client_key: str) -> str | None:
+        return (f"ssh -i {client_key} -p {self.endpoints.ssh_port} -o StrictHostKeyChecking=no "
+                "root@127.0.0.1")
+
     def qemu_log_tail(self, lines: int = 10) -> str:
         return self.process.log_tail(lines)
 
@@ -139,10 +143,13 @@ class LocalQemuBackend:
     kind = "local-qemu"
 
     def wants(self, config: ClusterConfig) -> bool:
-        return config.giantvm is None and config.hosts[0].is_local
+        return config.vm.launcher == STOCK_LAUNCHER and config.hosts[0].is_local
 
     def judged_config(self, config: ClusterConfig) -> ClusterConfig:
         return config
+
+    def atomic_inc_mode(self, config: ClusterConfig) -> str | None:
+        return None
 
     def start(self, spec: StartSpec) -> QemuGuest:
         config, run = spec.config, spec.run

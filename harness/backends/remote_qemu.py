@@ -23,7 +23,7 @@ from typing import Sequence
 
 from harness.backends.base import BootSpec, GuestEndpoints, HostLog, StartSpec, unix_socket_path
 from harness.backends.local_qemu import QemuLauncher
-from harness.config import ClusterConfig
+from harness.config import STOCK_LAUNCHER, ClusterConfig
 from harness.errors import BootError, HarnessError
 from harness.hosts import connect_host
 from harness.run_folder import RunFolder
@@ -322,6 +322,9 @@ class RemoteQemuGuest:
         gone without a code)."""
         return self.process.exit_status()
 
+    def login_command(self, client_key: str) -> str | None:
+        return None  # the SSH forward is this process's
+
     def qemu_log_tail(self, lines: int = 10) -> str:
         return self.process.log_tail(lines)
 
@@ -356,10 +359,13 @@ class RemoteQemuBackend:
     kind = "remote-qemu"
 
     def wants(self, config: ClusterConfig) -> bool:
-        return config.giantvm is None and not config.hosts[0].is_local
+        return config.vm.launcher == STOCK_LAUNCHER and not config.hosts[0].is_local
 
     def judged_config(self, config: ClusterConfig) -> ClusterConfig:
         return config
+
+    def atomic_inc_mode(self, config: ClusterConfig) -> str | None:
+        return None
 
     def start(self, spec: StartSpec) -> RemoteQemuGuest:
         config, host_config = spec.config, spec.config.hosts[0]

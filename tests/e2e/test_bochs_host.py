@@ -23,7 +23,8 @@ import yaml
 from harness.backends.bochs.host import start_bochs_host
 from harness import suite
 from harness.backends.bochs.backend import BochsBackend
-from harness.config import BochsHostConfig, load_config
+from harness.backends.registry import load_config
+from harness.backends.bochs.config import BochsHostConfig
 from harness.transport.artifacts import QEMU_BUILD_BINARY, sha256_file, upload_file
 from harness.backends.giantvm.backend import select_atomic_inc_mode
 from harness.backends.bochs.machine import ISOLINUX_BIN
@@ -126,7 +127,7 @@ def test_the_patched_guest_under_kvm_on_the_linux_dsm_host_keeps_jiffies(guest_k
     """Single node, so the VM has no DSM: the patched kvm answers hypercall 10 with -KVM_ENOSYS
     (-1000) and the guest must fall back to counting jiffies itself, at HZ."""
     config = load_config(nested_guest_config(tmp_path))
-    assert config.bochs_host is not None
+    assert config.section(BochsHostConfig) is not None
     progress = Progress()
     run = RunFolder.create(config.run_root, "bochs-l1")
     verdict = suite.boot_and_judge(config, Path(guest_kernel.build.bzimage.path), guest_kernel.hz,

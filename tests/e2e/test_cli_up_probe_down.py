@@ -8,7 +8,7 @@ import yaml
 
 from harness.cli import main
 from harness import guest_session
-from harness.config import load_config
+from harness.backends.registry import load_config
 from harness.run_folder import RunFolder
 from tests.configs import shipped_config
 

@@ -15,8 +15,10 @@ import pytest
 from harness.backends.base import BootSpec, StartSpec
 from harness.backends.giantvm.backend import GiantVMBackend, launcher_for
 from harness.backends.giantvm.cluster import ClusterError, ClusterPreflightError, GiantVMCluster
-from harness.config import ClusterConfig, parse_config
-from harness.hosts import HostsUnreachable, close_hosts, connect_node_hosts
+from harness.backends.registry import parse_config
+from harness.config import ClusterConfig
+from harness.backends.giantvm.config import node_hosts
+from harness.hosts import HostsUnreachable, close_hosts, connect_hosts
 from harness.progress import Progress
 from harness.run_folder import RunFolder
 from tests.configs import shipped_config
@@ -67,7 +69,7 @@ def test_a_host_without_the_patched_kvm_is_refused_before_anything_starts(
 
 def test_preflight_on_real_hosts_names_each_missing_piece(config, lab, tmp_path) -> None:
     boot = boot_spec(config, tmp_path)
-    hosts = connect_node_hosts(config)
+    hosts = connect_hosts(node_hosts(config))
     try:
         cluster = GiantVMCluster(launcher_for(config, boot, "e2e"), hosts,
                                  local_dir=tmp_path / "local", run_id="e2e")
@@ -90,4 +92,4 @@ def test_an_unreachable_node_host_fails_the_connect_and_closes_the_others(config
     broken = replace(config, hosts=(config.hosts[0], unreachable))
     with pytest.raises(HostsUnreachable, match=rf"connect: 1 of 2 hosts ok(.|\n)*"
                                            rf"{lab.hosts[1].name} .*FAILED"):
-        connect_node_hosts(broken)
+        connect_hosts(node_hosts(broken))

@@ -15,7 +15,7 @@ from harness.backends.base import BootSpec, HostLog
 from harness.backends.giantvm import backend as giantvm_backend
 from harness.backends.giantvm.backend import GiantVMBackend, launcher_for
 from harness.backends.giantvm.guest import GiantVMGuest
-from harness.config import load_config
+from harness.backends.registry import load_config
 from harness.progress import Progress
 from harness.run_folder import RunFolder
 from harness.stages import rootfs
@@ -30,9 +30,10 @@ def cluster_run(tmp_path, monkeypatch):
     config = config_with(tmp_path)
     events, hosts = fake_hosts()
     run = RunFolder.create(config.run_root, config.name)
-    backends = tuple(GiantVMBackend(opener=opener(hosts)) if backend.kind == "giantvm" else backend
-                     for backend in registry.BACKENDS)
-    monkeypatch.setattr(registry, "BACKENDS", backends)
+    registered = tuple(replace(entry, backend=GiantVMBackend(opener=opener(hosts)))
+                       if entry.backend.kind == "giantvm" else entry
+                       for entry in registry.REGISTERED)
+    monkeypatch.setattr(registry, "REGISTERED", registered)
     monkeypatch.setattr(giantvm_backend, "upload_artifacts", fake_uploads([]))
     boot = BootSpec(tmp_path / "bzImage", tmp_path / "initramfs.cpio", config.guest.cmdline,
                     config.vm.vcpus, config.vm.memory_mb)

@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from harness.backends.base import GuestOnBootedHosts, StartSpec
+from harness.backends.bochs.config import bochs_host_of
 from harness.backends.bochs.host import MachineFacts, RunningBochsHost, start_bochs_host
 from harness.backends.remote_qemu import RemoteGuestState, RemoteQemuBackend, RemoteQemuGuest
-from harness.config import ClusterConfig, HostConfig
+from harness.config import STOCK_LAUNCHER, ClusterConfig, HostConfig
 from harness.errors import HarnessError
 from harness.run_folder import RunFolder
 from harness.transport.artifacts import upload_qemu_build
@@ -28,11 +29,12 @@ NESTED_COMMAND_S = 120.0
 
 
 def required_qemu_tree(config: ClusterConfig) -> Path:
-    if config.bochs_host is None or config.bochs_host.qemu_tree is None:
+    qemu_tree = bochs_host_of(config).qemu_tree
+    if qemu_tree is None:
         raise HarnessError(f"{config.path}: bochs_host.qemu_tree is not set; point it at a QEMU "
                            "build tree (GiantVM's QEMU 2.8, built with --static "
                            "--target-list=x86_64-softmmu) to run the guest on the Bochs machine")
-    return config.bochs_host.qemu_tree
+    return qemu_tree
 
 
 def guest_config(config: ClusterConfig, host: RunningBochsHost, qemu_binary: str) -> ClusterConfig:
@@ -41,8 +43,9 @@ def guest_config(config: ClusterConfig, host: RunningBochsHost, qemu_binary: str
     bochs = HostConfig(name=spec.name, address=spec.address, user=spec.user, port=spec.port,
                        key_file=spec.key_file, work_dir=spec.work_dir,
                        known_hosts=spec.known_hosts)
-    return replace(config, hosts=(bochs,), giantvm=None,
-                   vm=replace(config.vm, launcher="qemu", accel="kvm", qemu_binary=qemu_binary))
+    return replace(config, hosts=(bochs,), backend_sections=(),
+                   vm=replace(config.vm, launcher=STOCK_LAUNCHER, accel="kvm",
+                              qemu_binary=qemu_binary))
 
 
 def describe(host: RunningBochsHost, facts: MachineFacts) -> list[str]:
@@ -94,7 +97,9 @@ class BochsBackend:
     def judged_config(self, config: ClusterConfig) -> ClusterConfig:
         """Longer timeouts, SSH only, and the rate against the guest clock only: the nested
         guest's kvm-clock follows Bochs' emulated TSC, which `clock: sync=slowdown` does not
-        hold to the wall clock (250 ticks per guest second were ~390 per host second)."""
+        hold to the wall clock (250 ticks per guest second were ~390 per host second).
+        Asked before the guest is built, so a missing QEMU build is said first."""
+        required_qemu_tree(config)
         timeouts = replace(config.timeouts, boot_s=max(config.timeouts.boot_s, NESTED_BOOT_S),
                            ssh_s=max(config.timeouts.ssh_s, NESTED_SSH_S),
                            command_s=max(config.timeouts.command_s, NESTED_COMMAND_S))
@@ -102,13 +107,15 @@ class BochsBackend:
                        checks=replace(config.checks, rate_vs_host_clock=False),
                        timeouts=timeouts)
 
+    def atomic_inc_mode(self, config: ClusterConfig) -> str | None:
+        return None  # the machine's kvm keeps its default; `bochs-host` reports it
+
     def start(self, spec: StartSpec) -> BochsGuest:
         config, progress = spec.config, spec.progress
         qemu_tree = required_qemu_tree(config)
-        assert config.bochs_host is not None
         machine_run = RunFolder(spec.run.path / "bochs-host")
         machine_run.path.mkdir(exist_ok=True)
-        machine = start_bochs_host(config.bochs_host, machine_run, progress)
+        machine = start_bochs_host(bochs_host_of(config), machine_run, progress)
         try:
             facts = machine.facts()
             machine_run.write_json("bochs-host.json", {"boot_s": machine.boot_s,

@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from harness.stages import rootfs
-from harness.config import BochsHostConfig
+from harness.backends.bochs.config import BochsHostConfig
 from harness.errors import HarnessError
 from harness.hosts import log_in_to_booted_host
 from harness.backends.bochs.machine import BochsLauncher, BochsMachine, BochsProcess

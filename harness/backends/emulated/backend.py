@@ -17,9 +17,12 @@ from harness.backends.base import GuestOnBootedHosts, HostLog, StartSpec
 from harness.backends.emulated.machine import EmulatedHostLauncher, private_links
 from harness.backends.giantvm.backend import GiantVMBackend
 from harness.backends.giantvm.guest import GiantVMGuest
-from harness.config import ClusterConfig, EmulatedHostsConfig, HostConfig, unexpanded
+from harness.backends.emulated.config import EmulatedHostsConfig, is_emulated
+from harness.backends.giantvm.config import giantvm_of
+from harness.config import ClusterConfig, HostConfig
+from harness.yaml_section import unexpanded
 from harness.errors import BootError, HarnessError
-from harness.hosts import close_hosts, giantvm_of, log_in_to_booted_host
+from harness.hosts import close_hosts, log_in_to_booted_host
 from harness.run_folder import RunFolder
 from harness.stages import rootfs
 from harness.transport.artifacts import upload_qemu_build
@@ -65,7 +68,7 @@ class EmulatedRecord:
 
 def emulated_names(config: ClusterConfig) -> list[str]:
     """The emulated hosts that run nodes, in the order of their first node."""
-    emulated = {host.name for host in config.hosts if host.is_emulated}
+    emulated = {host.name for host in config.hosts if is_emulated(host)}
     names = list(dict.fromkeys(node.host for node in giantvm_of(config).nodes))
     missing = [name for name in names if name not in emulated]
     if missing:
@@ -151,7 +154,7 @@ class EmulatedBackend:
     kind = "emulated"
 
     def wants(self, config: ClusterConfig) -> bool:
-        return config.emulated_hosts is not None
+        return config.section(EmulatedHostsConfig) is not None
 
     def judged_config(self, config: ClusterConfig) -> ClusterConfig:
         """SSH only (dropbear on the hosts forwards no unix socket, so node 0's ttyS1 stays out
@@ -161,6 +164,9 @@ class EmulatedBackend:
                            command_s=max(config.timeouts.command_s, NESTED_COMMAND_S))
         return replace(config, probe=replace(config.probe, transports=("ssh",)),
                        timeouts=timeouts)
+
+    def atomic_inc_mode(self, config: ClusterConfig) -> str | None:
+        return GiantVMBackend().atomic_inc_mode(config)
 
     def start(self, spec: StartSpec) -> EmulatedGuest:
         config, progress = spec.config, spec.progress
@@ -251,7 +257,7 @@ def _start(launcher: EmulatedHostLauncher) -> LocalProcess:
 
 
 def _required(config: ClusterConfig) -> EmulatedHostsConfig:
-    emulated = config.emulated_hosts
+    emulated = config.section(EmulatedHostsConfig)
     assert emulated is not None
     for what, path in (("kernel", emulated.kernel), ("qemu_tree", emulated.qemu_tree)):
         variable = unexpanded(path)

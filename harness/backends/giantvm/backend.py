@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Sequence
 
 from harness.backends.base import BootSpec, StartSpec
+from harness.backends.giantvm.config import LAUNCHER, giantvm_of, node_hosts
 from harness.backends.giantvm.cluster import ClusterError, GiantVMCluster
 from harness.backends.giantvm.guest import ClusterRecord, GiantVMGuest, start_guest
 from harness.backends.giantvm.lines import GiantVMLauncher, NodePlacement
 from harness.config import ClusterConfig
 from harness.errors import HarnessError
 from harness.hostkvm.modules import ATOMIC_INC_PARAM
-from harness.hosts import OpenHost, close_hosts, connect_node_hosts, giantvm_of, node_hosts, \
-    open_host
+from harness.hosts import OpenHost, close_hosts, connect_hosts, open_host
 from harness.run_folder import RunFolder
 from harness.transport.artifacts import upload_artifacts
 from harness.transport.remote_host import RemoteHost
@@ -71,10 +71,13 @@ class GiantVMBackend:
     opener: OpenHost = field(default=open_host)
 
     def wants(self, config: ClusterConfig) -> bool:
-        return config.giantvm is not None
+        return config.vm.launcher == LAUNCHER
 
     def judged_config(self, config: ClusterConfig) -> ClusterConfig:
         return config
+
+    def atomic_inc_mode(self, config: ClusterConfig) -> str | None:
+        return giantvm_of(config).atomic_inc_mode
 
     def start(self, spec: StartSpec) -> GiantVMGuest:
         """Select the method, upload the guest, start every node; on failure nothing keeps
@@ -82,7 +85,7 @@ class GiantVMBackend:
         config, boot, run = spec.config, spec.boot, spec.run
         giantvm = giantvm_of(config)
         run_id = run.path.name
-        hosts = connect_node_hosts(config, self.opener)
+        hosts = connect_hosts(node_hosts(config), self.opener)
         try:
             select_atomic_inc_mode(list(hosts.values()), giantvm.atomic_inc_mode)
             with spec.progress.step(f"upload the guest kernel and initramfs to {len(hosts)} "
@@ -98,7 +101,7 @@ class GiantVMBackend:
                                      marker_timeout_s=giantvm.rendezvous_timeout_s,
                                      as_root=True)
             run.write_json("launch.json", {
-                "launcher": "giantvm", "atomic_inc_mode": giantvm.atomic_inc_mode,
+                "launcher": LAUNCHER, "atomic_inc_mode": giantvm.atomic_inc_mode,
                 "nodes": [node.__dict__ for node in cluster.launcher.nodes],
                 "command_lines": cluster.command_lines()})
             nodes = giantvm.nodes
@@ -111,7 +114,7 @@ class GiantVMBackend:
 
     def attach(self, config: ClusterConfig, run: RunFolder, record: dict,
                forwards: bool) -> GiantVMGuest:
-        if config.giantvm is None:
+        if config.vm.launcher != LAUNCHER:
             raise HarnessError(f"{run.path} started a GiantVM cluster, but {config.path} does "
                                "not describe one; pass the config it was started with")
         state = ClusterRecord.from_dict(record)

@@ -23,8 +23,7 @@ import shlex
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from harness.config import GIANTVM_MACHINES as MACHINES
-from harness.config import GIANTVM_MAX_NODES as MAX_NODES
+from harness.backends.giantvm.config import MACHINES, MAX_NODES
 from harness.errors import HarnessError
 from harness.backends.base import BootSpec, unix_socket_path
 

@@ -1,6 +1,7 @@
 """The registry and the backend contract, with a minimal backend of the kind docs/architecture.md
-describes: the suite starts it, records it by kind, finds it again, and stops it, without
-knowing anything else about it."""
+describes: the suite starts it, records it by kind, finds it again, and stops it, the config
+loader parses its YAML section and the CLI offers its subcommand, all from one Registration line,
+without knowing anything else about it."""
 
 from __future__ import annotations
 
@@ -10,11 +11,16 @@ from pathlib import Path
 
 import pytest
 
+import yaml
+
 from harness import guest_session, suite
 from harness.backends import registry
-from harness.backends.base import GuestEndpoints, HostLog, StartSpec
-from harness.config import load_config
-from harness.errors import HarnessError
+from harness.backends.base import BackendCommand, GuestEndpoints, HostLog, StartSpec
+from harness.backends.registry import Registration, load_config
+from harness.cli import main
+from harness.config import BackendSection
+from harness.yaml_section import Section
+from harness.errors import ConfigError, HarnessError
 from harness.progress import Progress
 from harness.run_folder import RunFolder
 from harness.stages import rootfs
@@ -40,6 +46,9 @@ class ScriptedGuest:
 
     def qemu_log_tail(self, lines: int = 10) -> str:
         return "(scripted)"
+
+    def login_command(self, client_key: str) -> str | None:
+        return None
 
     def record(self) -> ScriptedRecord:
         return ScriptedRecord(str(self.endpoints.kernel_console_log))
@@ -69,6 +78,9 @@ class ScriptedBackend:
     def judged_config(self, config):
         return replace(config, timeouts=replace(config.timeouts, boot_s=5))
 
+    def atomic_inc_mode(self, config) -> str | None:
+        return None
+
     def start(self, spec: StartSpec) -> ScriptedGuest:
         console = spec.run.file("console-kernel.log")
         console.write_text(f"Linux version 6.1\n{rootfs.READY_MARKER}\n")
@@ -80,11 +92,64 @@ class ScriptedBackend:
                                             "127.0.0.1", 1))
 
 
+@dataclass(frozen=True)
+class ScriptedSection:
+    greeting: str
+
+
+def parse_scripted(section: Section, config) -> ScriptedSection:
+    scripted = ScriptedSection(section.string("greeting"))
+    section.done()
+    return scripted
+
+
+def greet(args, config, progress) -> int:
+    print(config.section(ScriptedSection).greeting)
+    return 0
+
+
+SCRIPTED = Registration(ScriptedBackend(),
+                        BackendSection("scripted", parse_scripted, gives="a greeting",
+                                       launcher="scripted"),
+                        (BackendCommand("greet", "print the greeting", greet),))
+
+
 @pytest.fixture
-def scripted(monkeypatch, tmp_path):
-    monkeypatch.setattr(registry, "BACKENDS", (ScriptedBackend(), *registry.BACKENDS))
+def registered(monkeypatch):
+    monkeypatch.setattr(registry, "REGISTERED", (SCRIPTED, *registry.REGISTERED))
+
+
+@pytest.fixture
+def scripted(registered, tmp_path):
     config = replace(load_config(), name="scripted", run_root=tmp_path / "runs")
     return config, RunFolder.create(config.run_root, config.name)
+
+
+def scripted_yaml(tmp_path: Path, **scripted) -> Path:
+    data = yaml.safe_load(load_config().path.read_text())
+    data["guest"]["kernel"].update(patches=None, config={"fragments": []})
+    data["vm"]["launcher"] = "scripted"
+    data["scripted"] = scripted
+    path = tmp_path / "scripted.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_its_section_and_its_command_come_with_the_registration(registered, tmp_path,
+                                                                capsys) -> None:
+    path = scripted_yaml(tmp_path, greeting="hello from a new backend")
+    assert load_config(path).section(ScriptedSection).greeting == "hello from a new backend"
+    assert main(["--config", str(path), "greet"]) == 0
+    assert capsys.readouterr().out == "hello from a new backend\n"
+    with pytest.raises(ConfigError, match=r"scripted.greting: unknown key; allowed here: "
+                                          r"greeting"):
+        load_config(scripted_yaml(tmp_path, greeting="hi", greting="hi"))
+
+
+def test_without_its_registration_its_launcher_is_refused(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"vm.launcher: 'scripted' is not one of: qemu, "
+                                          r"giantvm"):
+        load_config(scripted_yaml(tmp_path, greeting="hi"))
 
 
 def test_a_new_backend_plugs_in_with_one_registry_line(scripted, tmp_path) -> None:

@@ -6,10 +6,8 @@ start/stop/exit_status drive a (fake) host. The real thing runs in tests/e2e/tes
 from __future__ import annotations
 
 import random
-import shlex
 import subprocess
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -21,9 +19,9 @@ from harness.backends.remote_qemu import (
     RemoteGuestState, RemoteQemuGuest, RemoteQemuLauncher, free_remote_port,
     read_existing_command, used_ports)
 from harness.transport.remote_process import STATUS_CACHE_S, exit_code
-from harness.transport.remote_host import DetachedProcess, HostKeyError, RemoteHost, RemoteHostError, RemoteHostSpec, RemoteResult
+from harness.transport.remote_host import DetachedProcess, HostKeyError, RemoteHost, RemoteHostError, RemoteHostSpec
 from harness.transport.forward import TcpTarget, UnixTarget
-from tests.fakes import Forwarding
+from tests.fakes import FakeHost, FakeProcess
 
 PROC_NET_TCP = """\
   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
@@ -158,79 +156,14 @@ def test_socket_paths_too_long_for_unix_sockets_move_to_tmp_on_both_sides(boot, 
 def test_used_ports_and_a_free_remote_port() -> None:
     assert used_ports(PROC_NET_TCP) == {0x4E20, 22, 0x4E21}
 
-    class Host:
-        spec = RemoteHostSpec("node-a", "10.0.0.1")
-
-        def run(self, command, timeout_s=60.0, check=False, as_root=False):
-            assert "/proc/net/tcp" in command
-            return RemoteResult("node-a", command, 0, PROC_NET_TCP, "")
-
-    assert free_remote_port(Host(), 20000, 20002, random.Random(1)) == 20002
+    host = node_a(answers={"/proc/net/tcp": PROC_NET_TCP})
+    assert free_remote_port(host, 20000, 20002, random.Random(1)) == 20002
     with pytest.raises(RemoteHostError, match=r"no free TCP port between 20000 and 20001"):
-        free_remote_port(Host(), 20000, 20001, random.Random(1))
+        free_remote_port(host, 20000, 20001, random.Random(1))
 
 
-@dataclass
-class FakeHost(Forwarding):
-    """Records what the launcher asks of a host and answers from a script."""
-
-    work_dir: str
-    calls: list = field(default_factory=list)
-    running: int | None = None  # what running_pid answers
-    exit_file: str | None = None  # what `cat qemu.exit` prints; None: no file
-    console: bytes = b"Linux version 6.1\n"
-    connect_error: Exception | None = None
-    stop_error: Exception | None = None
-    connected: bool = True
-    forwards: list = field(default_factory=list)
-
-    name = "node-a"
-
-    @property
-    def spec(self) -> RemoteHostSpec:
-        return RemoteHostSpec("node-a", "10.0.0.1", work_dir=self.work_dir)
-
-    def connect(self):
-        self.calls.append(("connect",))
-        if self.connect_error is not None:
-            raise self.connect_error
-        return self
-
-    def close(self) -> None:
-        self.calls.append(("close",))
-
-    def run(self, command, timeout_s=60.0, check=False, as_root=False) -> RemoteResult:
-        text = command if isinstance(command, str) else shlex.join(command)
-        self.calls.append(("run", text))
-        if text.startswith("cat ") and "qemu.exit" in text:
-            status = 0 if self.exit_file is not None else 1
-            return RemoteResult(self.name, text, status, self.exit_file or "", "")
-        return RemoteResult(self.name, text, 0, "", "")
-
-    def running_pid(self, name, as_root=False):
-        self.calls.append(("running_pid", name))
-        return self.running
-
-    def start_detached(self, name, argv, as_root=False, timeout_s=15.0) -> DetachedProcess:
-        self.calls.append(("start_detached", name, list(argv)))
-        self.running = 777
-        return DetachedProcess(self.name, name, 777, f"{self.work_dir}/proc/{name}.pid",
-                               f"{self.work_dir}/proc/{name}.log")
-
-    def stop_detached(self, name, grace_s=5.0, as_root=False):
-        self.calls.append(("stop_detached", name))
-        if self.stop_error is not None:
-            raise self.stop_error
-        self.running = None
-        return "terminated"
-
-    def read_file(self, path, offset=0, max_bytes=16 << 20) -> bytes:
-        if path.endswith("console-kernel.log"):
-            return self.console[offset:offset + max_bytes]
-        return b"qemu says hi\n"
-
-    def kinds(self) -> list[str]:
-        return [call[0] for call in self.calls]
+def node_a(**script) -> FakeHost:
+    return FakeHost("node-a", ["10.0.0.1"], console=b"Linux version 6.1\n", **script)
 
 
 @pytest.fixture
@@ -242,7 +175,7 @@ def uploads(monkeypatch) -> list:
 
 
 def test_start_uploads_starts_waits_and_wires_the_forwards(boot, tmp_path, uploads) -> None:
-    host = FakeHost("/srv/gvm")
+    host = node_a()
     launcher = make_launcher(host, boot, tmp_path / "r1")
     guest = launcher.start()
     try:
@@ -256,8 +189,8 @@ def test_start_uploads_starts_waits_and_wires_the_forwards(boot, tmp_path, uploa
         assert host.calls[3] == ("start_detached", "qemu-r1", launcher.remote_argv())
         wait = host.calls[4][1]
         assert "while [ ! -S /srv/gvm/runs/r1/console-shell.sock ]" in wait
-        assert "kill -0 777" in wait
-        assert guest.pid == 777 and guest.accelerator == "tcg"
+        assert "kill -0 1001" in wait
+        assert guest.pid == 1001 and guest.accelerator == "tcg"
         shell_forward, ssh_forward = host.forwards
         assert ssh_forward.target == TcpTarget(21022)
         assert shell_forward.target == UnixTarget("/srv/gvm/runs/r1/console-shell.sock")
@@ -270,18 +203,18 @@ def test_start_uploads_starts_waits_and_wires_the_forwards(boot, tmp_path, uploa
         guest.stop()
     assert ssh_forward.closed and shell_forward.closed
     assert guest.tail is not None and not guest.tail.running
-    assert (tmp_path / "r1" / "qemu.log").read_bytes() == b"qemu says hi\n"
+    assert (tmp_path / "r1" / "qemu.log").read_bytes() == b"QEMU says hi\n"
 
 
 def test_a_host_key_failure_stops_start_before_any_upload(boot, tmp_path, uploads) -> None:
-    host = FakeHost("/srv/gvm", connect_error=HostKeyError("host 'node-a' offered ..."))
+    host = node_a(connect_error=HostKeyError("host 'node-a' offered ..."))
     with pytest.raises(HostKeyError):
         make_launcher(host, boot, tmp_path / "r1").start()
     assert host.kinds() == ["connect"] and uploads == []
 
 
 def test_a_running_guest_of_the_same_run_is_left_alone(boot, tmp_path, uploads) -> None:
-    host = FakeHost("/srv/gvm", running=555)
+    host = node_a(processes={"qemu-r1": FakeProcess([], pid=555)})
     with pytest.raises(BootError, match=r"'qemu-r1' is already running as process group 555"):
         make_launcher(host, boot, tmp_path / "r1").start()
     assert host.kinds() == ["connect", "running_pid"], "its run directory was touched"
@@ -290,40 +223,42 @@ def test_a_running_guest_of_the_same_run_is_left_alone(boot, tmp_path, uploads) 
 def guest_on(host: FakeHost, boot: BootSpec, local_dir: Path) -> RemoteQemuGuest:
     launcher = make_launcher(host, boot, local_dir)
     process = host.start_detached(launcher.process_name, launcher.remote_argv())
-    host.calls.clear()
+    host.events.clear()
     return RemoteQemuGuest(host, launcher.state(process))
 
 
 def test_exit_status_asks_the_host_at_most_so_often_and_keeps_the_answer(boot, tmp_path) -> None:
-    host = FakeHost("/srv/gvm")
+    host = node_a()
     guest = guest_on(host, boot, tmp_path)
     assert guest.exit_status() is None and guest.exit_status() is None
     assert host.kinds() == ["running_pid"]
-    host.running, host.exit_file = None, "137\n"
+    (qemu,) = host.processes.values()
+    qemu.alive, qemu.exit_code = False, "137\n"
     time.sleep(STATUS_CACHE_S + 0.05)
     assert guest.exit_status() == -9
     assert guest.exit_status() == -9 and host.kinds() == ["running_pid", "running_pid", "run"]
 
 
 def test_a_group_gone_without_a_code_is_minus_one(boot, tmp_path) -> None:
-    host = FakeHost("/srv/gvm")
+    host = node_a()
     guest = guest_on(host, boot, tmp_path)
-    host.running = None
+    (qemu,) = host.processes.values()
+    qemu.alive, qemu.exit_code = False, None
     assert guest.exit_status() == -1
 
 
 def test_a_lost_connection_is_dropped_so_the_next_call_logs_in_again(boot, tmp_path) -> None:
-    host = FakeHost("/srv/gvm", connected=False)
+    host = node_a(connected=False)
     guest = guest_on(host, boot, tmp_path)
     assert guest.exit_status() is None
     assert host.kinds() == ["close", "running_pid"]
 
 
 def test_stop_is_idempotent_and_a_failed_stop_says_how_to_stop_by_hand(boot, tmp_path) -> None:
-    host = FakeHost("/srv/gvm", stop_error=RemoteHostError("host 'node-a': cannot connect"))
+    host = node_a(stop_error=RemoteHostError("host 'node-a': cannot connect"))
     guest = guest_on(host, boot, tmp_path)
     with pytest.raises(RemoteHostError, match=r"could not stop QEMU on host 'node-a'.*cannot "
-                                              r"connect.*process group 777: `kill -TERM -777`"):
+                                              r"connect.*process group 1001: `kill -TERM -1001`"):
         guest.stop()
     host.stop_error = None
     guest.stop()  # tries again

@@ -1,7 +1,7 @@
 """Deploy: the kvm module swap and its rollback, against a fake host that keeps module state.
 
 The real swap cannot run on this machine (no VT-x, so kvm_intel cannot load; the network-namespace
-hosts share this kernel), so `FakeHost` interprets the commands deploy sends (modinfo, rmmod,
+hosts share this kernel), so `ModuleTableHost` interprets the commands deploy sends (modinfo, rmmod,
 insmod, modprobe, the /sys/module snapshot) against an in-memory kernel and can fail any of them.
 """
 
@@ -45,7 +45,7 @@ OURS = {"/w/kvm.ko": ModuleFileOnHost("kvm", "OURKVM", (("halt_poll_ns", "200000
                                             depends="kvm")}
 
 
-class FakeHost:
+class ModuleTableHost:
     """A host kernel's modules, changed only by the commands deploy runs."""
 
     name = "fake"
@@ -172,13 +172,13 @@ class FakeHost:
                 for name, module in self.modules.items() if name in ("kvm", "kvm_intel")}
 
 
-def install(host: FakeHost, **params: str):
+def install(host: ModuleTableHost, **params: str):
     return install_kvm_modules(host, "/w/kvm.ko", "/w/kvm-intel.ko", "/var/lib/gvm",
                                kvm_params=params or None)
 
 
 def test_swap_sequence_on_a_host_with_the_stock_modules() -> None:
-    host = FakeHost()
+    host = ModuleTableHost()
     result = install(host, atomic_inc_mode="send_all")
     assert host.mutations() == [
         "rmmod kvm_intel", "rmmod kvm", "insmod /w/kvm.ko atomic_inc_mode=send_all",
@@ -198,7 +198,7 @@ def test_missing_dependencies_are_loaded_first_and_unloaded_on_rollback() -> Non
              for path, f in OURS.items()}
     files["/w/kvm.ko"] = ModuleFileOnHost("kvm", "OURKVM", OURS["/w/kvm.ko"].params,
                                           depends="irqbypass,ib_core,rdma_cm")
-    host = FakeHost(files=files, fail={"insmod /w/kvm-intel.ko": "Unknown symbol in module"})
+    host = ModuleTableHost(files=files, fail={"insmod /w/kvm-intel.ko": "Unknown symbol in module"})
     with pytest.raises(DeployError, match="previous modules were loaded again"):
         install(host)
     mutations = host.mutations()
@@ -208,7 +208,7 @@ def test_missing_dependencies_are_loaded_first_and_unloaded_on_rollback() -> Non
 
 
 def test_failed_insmod_puts_the_stock_modules_back() -> None:
-    host = FakeHost(fail={"insmod /w/kvm-intel.ko": "insmod: ERROR: Unknown symbol in module"})
+    host = ModuleTableHost(fail={"insmod /w/kvm-intel.ko": "insmod: ERROR: Unknown symbol in module"})
     before = host.loaded()
     with pytest.raises(DeployError, match=r"insmod /w/kvm-intel.ko.*Unknown symbol.*previous "
                                           r"modules were loaded again"):
@@ -223,7 +223,7 @@ def test_failed_insmod_puts_the_stock_modules_back() -> None:
 def test_unpatched_kvm_is_refused_after_loading_and_rolled_back() -> None:
     files = dict(OURS)
     files["/w/kvm.ko"] = ModuleFileOnHost("kvm", "PLAINKVM", (("halt_poll_ns", "200000"),))
-    host = FakeHost(files=files)
+    host = ModuleTableHost(files=files)
     before = host.loaded()
     with pytest.raises(DeployError, match="no atomic_inc_mode parameter.*loaded again"):
         install(host)
@@ -231,13 +231,13 @@ def test_unpatched_kvm_is_refused_after_loading_and_rolled_back() -> None:
 
 
 def test_a_parameter_that_does_not_stick_is_a_failure() -> None:
-    host = FakeHost()
+    host = ModuleTableHost()
     with pytest.raises(DeployError, match="kvm parameter x reads 'None', not '1'"):
         install(host, atomic_inc_mode="local_first", x="1")  # insmod ignores unknown parameters
 
 
 def test_failed_rollback_says_the_host_is_not_as_before() -> None:
-    host = FakeHost(fail={"insmod /w/kvm-intel.ko": "Unknown symbol",
+    host = ModuleTableHost(fail={"insmod /w/kvm-intel.ko": "Unknown symbol",
                           "modprobe kvm_intel": "modprobe: FATAL: Module not found"})
     with pytest.raises(DeployError, match=r"putting the previous ones back failed too: "
                                           r"`modprobe kvm_intel`: modprobe: FATAL.*kvm_intel was "
@@ -248,7 +248,7 @@ def test_failed_rollback_says_the_host_is_not_as_before() -> None:
 def test_modules_of_an_earlier_install_come_back_from_their_files_with_their_params() -> None:
     old = {"/old/kvm.ko": ModuleFileOnHost("kvm", "OLDKVM", (("atomic_inc_mode", "send_all"),)),
            "/old/kvm-intel.ko": ModuleFileOnHost("kvm_intel", "OLDINTEL", (), depends="kvm")}
-    host = FakeHost(files={**OURS, **old}, fail={"insmod /w/kvm-intel.ko": "Unknown symbol"},
+    host = ModuleTableHost(files={**OURS, **old}, fail={"insmod /w/kvm-intel.ko": "Unknown symbol"},
                     state=f"boot_id {BOOT_ID}\nkvm /old/kvm.ko\nkvm_intel /old/kvm-intel.ko\n")
     host.modules.clear()
     host.modules["irqbypass"] = Module("-", {})
@@ -264,12 +264,12 @@ def test_modules_of_an_earlier_install_come_back_from_their_files_with_their_par
 
 
 def test_a_state_file_from_an_earlier_boot_is_ignored() -> None:
-    host = FakeHost(state="boot_id another-boot\nkvm /old/kvm.ko\nkvm_intel /old/kvm-intel.ko\n")
+    host = ModuleTableHost(state="boot_id another-boot\nkvm /old/kvm.ko\nkvm_intel /old/kvm-intel.ko\n")
     assert install(host).previous_sources == {"kvm": None, "kvm_intel": None}
 
 
 def test_nothing_loaded_before_means_nothing_to_unload_or_restore() -> None:
-    host = FakeHost(fail={"insmod /w/kvm-intel.ko": "Unknown symbol"})
+    host = ModuleTableHost(fail={"insmod /w/kvm-intel.ko": "Unknown symbol"})
     host.modules = {"irqbypass": Module("-", {})}
     with pytest.raises(DeployError, match="loaded again"):
         install(host)
@@ -277,37 +277,37 @@ def test_nothing_loaded_before_means_nothing_to_unload_or_restore() -> None:
     assert host.loaded() == {}
 
 
-def refused(host: FakeHost, message: str) -> None:
+def refused(host: ModuleTableHost, message: str) -> None:
     with pytest.raises(DeployError, match=message):
         install(host)
     assert host.mutations() == [], "a refused install must not touch the modules"
 
 
 def test_refuses_kvm_built_in() -> None:
-    refused(FakeHost(builtin=("kvm",)), r"kvm is built into the running kernel.*CONFIG_KVM=m")
+    refused(ModuleTableHost(builtin=("kvm",)), r"kvm is built into the running kernel.*CONFIG_KVM=m")
 
 
 def test_refuses_while_vms_run() -> None:
-    host = FakeHost()
+    host = ModuleTableHost()
     host.modules["kvm_intel"].refcnt = 2
     refused(host, r"kvm_intel is in use \(2 users.*stop them first")
 
 
 def test_refuses_other_users_of_kvm() -> None:
-    host = FakeHost()
+    host = ModuleTableHost()
     host.modules["kvm"].holders.append("kvm_amd")
     refused(host, r"kvm is also used by kvm_amd")
 
 
 def test_refuses_modules_built_for_another_kernel() -> None:
-    refused(FakeHost(release="6.1.0-28-amd64"),
+    refused(ModuleTableHost(release="6.1.0-28-amd64"),
             r"runs kernel 6.1.0-28-amd64, but /w/kvm.ko was built for '4.9.76\+ SMP")
 
 
 def test_refuses_a_missing_module_file() -> None:
-    refused(FakeHost(files={}), r"/w/kvm.ko is not a kernel module it can read: modinfo: ERROR")
+    refused(ModuleTableHost(files={}), r"/w/kvm.ko is not a kernel module it can read: modinfo: ERROR")
 
 
 def test_refuses_when_the_previous_module_file_is_gone() -> None:
-    host = FakeHost(state=f"boot_id {BOOT_ID}\nkvm /gone/kvm.ko\n")
+    host = ModuleTableHost(state=f"boot_id {BOOT_ID}\nkvm /gone/kvm.ko\n")
     refused(host, r"the loaded kvm came from /gone/kvm.ko .* which is gone")

@@ -6,7 +6,8 @@ import yaml
 
 from harness.backends.bochs.backend import (NESTED_BOOT_S, BochsBackend, guest_config,
                                             required_qemu_tree)
-from harness.config import DEFAULT_CONFIG, parse_config
+from harness.backends.registry import parse_config
+from harness.config import DEFAULT_CONFIG
 from harness.errors import HarnessError
 from harness.transport.remote_host import RemoteHostSpec
 

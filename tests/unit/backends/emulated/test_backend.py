@@ -11,8 +11,9 @@ from harness.backends.emulated.backend import (EmulatedBackend, EmulatedHostReco
                                                EmulatedRecord, emulated_names, hosts_as_booted,
                                                private_ip)
 from harness.backends.base import BootSpec, StartSpec
-from harness.backends.registry import backend_for
-from harness.config import DEFAULT_CONFIG, load_config
+from harness.backends.emulated.config import EmulatedHostsConfig
+from harness.backends.registry import backend_for, load_config
+from harness.config import DEFAULT_CONFIG
 from harness.errors import ConfigError, HarnessError
 from harness.progress import Progress
 from harness.run_folder import RunFolder
@@ -30,7 +31,7 @@ def config(tmp_path, monkeypatch):
 
 def test_the_example_runs_on_the_emulated_backend(config, tmp_path) -> None:
     assert backend_for(config).kind == "emulated"
-    assert config.emulated_hosts.kernel == tmp_path / "bzImage"
+    assert config.section(EmulatedHostsConfig).kernel == tmp_path / "bzImage"
     assert emulated_names(config) == ["emu0", "emu1"]
     assert [private_ip(config, name) for name in ("emu0", "emu1")] == ["10.9.9.1", "10.9.9.2"]
     judged = EmulatedBackend().judged_config(config)
@@ -54,7 +55,7 @@ def test_an_emulated_address_needs_the_section(tmp_path) -> None:
     del data["emulated_hosts"]
     path = tmp_path / "no-section.yaml"
     path.write_text(yaml.safe_dump(data))
-    with pytest.raises(ConfigError, match="address 'emulated' needs an emulated_hosts section"):
+    with pytest.raises(ConfigError, match="address 'emulated' needs the emulated_hosts section"):
         load_config(path)
 
 

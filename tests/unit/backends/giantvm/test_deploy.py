@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from harness.hostkvm import deploy
+from harness.backends.giantvm import deploy
 from harness.hostkvm.install import KernelInstall
 from harness.hostkvm.modules import DeployError, ModuleInstall, ModuleSnapshot
-from harness.config import parse_config
+from harness.backends.registry import parse_config
 from harness.progress import Progress
 from harness.transport.parallel import HostOutcome, ParallelResult
 from tests.configs import shipped_config

@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from harness.config import ClusterConfig, GiantVMConfig
+from harness.backends.giantvm.config import GiantVMConfig, giantvm_of, node_hosts
+from harness.config import ClusterConfig
 from harness.hostkvm.install import KernelArtifacts, KernelInstall, install_kernel
 from harness.hostkvm.modules import (ATOMIC_INC_PARAM, DeployError, ModuleInstall,
                                      install_kvm_modules)
-from harness.hosts import OpenHost, connect_node_hosts, close_hosts, giantvm_of
+from harness.hosts import OpenHost, close_hosts, connect_hosts
 from harness.progress import Progress
 from harness.run_folder import RunFolder
 from harness.transport.artifacts import upload_artifacts
@@ -48,7 +49,7 @@ def deploy_host_kvm(config: ClusterConfig, run: RunFolder, progress: Progress,
     if missing:
         raise DeployError(f"{' and '.join(missing)} not found; build the host kvm first "
                           "(`harness host-build --tree <Linux-DSM tree>`)")
-    hosts = connect_node_hosts(config, opener)
+    hosts = connect_hosts(node_hosts(config), opener)
     try:
         if giantvm.host_modules is not None:
             result = _deploy_modules(list(hosts.values()), wanted, giantvm.atomic_inc_mode,
