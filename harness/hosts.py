@@ -4,6 +4,7 @@ transport's RemoteHostSpec, so the transport layer never reads the config."""
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 from typing import Callable, Iterable
 
 from harness.config import HostConfig
@@ -52,19 +53,12 @@ def connect_hosts(configs: list[HostConfig],
     return hosts
 
 
-def remote_hosts_used(config: ClusterConfig) -> list[HostConfig]:
-    """The hosts reached over SSH that this config's guest runs on, as known before anything is
-    built (emulated hosts do not exist until the run boots them)."""
-    used = node_hosts(config) if config.giantvm is not None else [config.hosts[0]]
-    return [host for host in used if not host.is_local and not host.is_emulated]
-
-
-def preflight_hosts(config: ClusterConfig, opener: OpenHost | None = None) -> int:
-    """Log in to every remote host the guest will run on, at once, and check its work_dir can
-    be written, before minutes of patching and building; HostsUnreachable lists every host that
-    failed with its own fix (a changed host key: the `ssh-keygen -R` line to run). Returns how
-    many hosts were checked."""
-    hosts = [(opener or open_host)(host) for host in remote_hosts_used(config)]
+def preflight_hosts(configs: list[HostConfig], source: Path,
+                    opener: OpenHost | None = None) -> None:
+    """Log in to every host at once and check its work_dir can be written, before minutes of
+    patching and building; HostsUnreachable lists every host that failed with its own fix (a
+    changed host key: the `ssh-keygen -R` line to run). `source`: the config that names them."""
+    hosts = [(opener or open_host)(host) for host in configs]
 
     def check(host: RemoteHost) -> None:
         with host:
@@ -79,8 +73,7 @@ def preflight_hosts(config: ClusterConfig, opener: OpenHost | None = None) -> in
     result = on_hosts(hosts, "reach the hosts before building", check)
     if result.failed:
         raise HostsUnreachable(f"{result.summary()}\nnothing was built or started: fix the "
-                               f"hosts above or {config.path}, then run again")
-    return len(hosts)
+                               f"hosts above or {source}, then run again")
 
 
 def log_in_to_booted_host(spec: RemoteHostSpec, host_key: tuple[str, str], timeout_s: float,

@@ -24,10 +24,10 @@ from typing import Iterator
 import paramiko
 
 from harness.backends.base import Backend, HostLog
-from harness.backends.registry import backend_for, backend_named
+from harness.backends.registry import backend_for, backend_named, booted_host_addresses
 from harness.config import ClusterConfig
 from harness.errors import HarnessError, KernelUnderTestError, ProbeError
-from harness.hosts import preflight_hosts, remote_hosts_used
+from harness.hosts import preflight_hosts
 from harness.progress import Progress
 from harness.run_folder import RunFolder
 from harness.stages.guest_kernel import kernel_hz, patch_and_build
@@ -209,10 +209,13 @@ def run_context(session: GuestSession, observation: Observation,
 
 
 def reach_hosts(config: ClusterConfig, progress: Progress) -> None:
-    """Every remote host the guest runs on answers before anything is built."""
-    if remote_hosts_used(config):
-        with progress.step("log in to the remote hosts before building"):
-            preflight_hosts(config)
+    """Every remote host the config names answers before anything is built (hosts a backend
+    boots itself, such as emulated ones, do not exist yet)."""
+    remote = [host for host in config.hosts
+              if not host.is_local and host.address not in booted_host_addresses()]
+    if remote:
+        with progress.step(f"log in to {len(remote)} remote hosts before building"):
+            preflight_hosts(remote, config.path)
 
 
 def build_guest(config: ClusterConfig, run: RunFolder, progress: Progress) -> tuple[Path, int]:

@@ -46,6 +46,12 @@ def sections() -> tuple[BackendSection, ...]:
     return tuple(entry.section for entry in REGISTERED if entry.section is not None)
 
 
+def booted_host_addresses() -> tuple[str, ...]:
+    """The hosts[].address values that name a machine a backend boots itself (not reachable
+    before the run starts it)."""
+    return tuple(section.host_address for section in sections() if section.host_address)
+
+
 def commands() -> list[tuple[BackendCommand, Backend]]:
     """Every backend's own subcommands, each with the backend it belongs to."""
     return [(command, entry.backend) for entry in REGISTERED for command in entry.commands]

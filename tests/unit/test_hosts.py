@@ -2,11 +2,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import ClusterConfig, HostConfig, parse_config
-from harness.hosts import HostsUnreachable, host_spec, preflight_hosts, remote_hosts_used
+from harness.config import HostConfig
+from harness.hosts import HostsUnreachable, host_spec, preflight_hosts
 from harness.transport.local_process import free_loopback_port
 from harness.transport.remote_host import RemoteHostError, RemoteHostSpec
-from tests.configs import giantvm_config, shipped_config
 
 
 def test_spec_from_the_cluster_config_and_its_checks(tmp_path: Path) -> None:
@@ -23,27 +22,13 @@ def test_spec_from_the_cluster_config_and_its_checks(tmp_path: Path) -> None:
         RemoteHostSpec("a", "10.0.0.1", work_dir="gvm")
 
 
-def remote_config(tmp_path: Path, *hosts: dict) -> ClusterConfig:
-    data = shipped_config(tmp_path / "runs")
-    data["hosts"] = list(hosts)
-    return parse_config(tmp_path / "remote.yaml", data)
-
-
-def test_the_hosts_checked_before_the_build_are_those_the_guest_runs_on(tmp_path: Path) -> None:
-    assert remote_hosts_used(parse_config(tmp_path / "local.yaml",
-                                          shipped_config(tmp_path / "runs"))) == []
-    config = remote_config(tmp_path, {"name": "far", "address": "192.0.2.1"},
-                           {"name": "spare", "address": "192.0.2.2"})
-    assert [host.name for host in remote_hosts_used(config)] == ["far"]
-    giantvm = giantvm_config(tmp_path)
-    assert [host.name for host in remote_hosts_used(giantvm)] == ["h0", "h1"]
-
 
 def test_an_unreachable_host_fails_the_preflight_with_every_host_named(tmp_path: Path) -> None:
     closed = free_loopback_port()  # nothing listens there: connection refused, at once
-    config = remote_config(tmp_path, {"name": "gone", "address": "127.0.0.1", "port": closed,
-                                      "known_hosts": str(tmp_path / "known_hosts")})
+    gone = HostConfig(name="gone", address="127.0.0.1", user="root", port=closed, key_file=None,
+                      work_dir="/tmp/gvm", known_hosts=tmp_path / "known_hosts")
     with pytest.raises(HostsUnreachable, match=rf"(?s)gone.*FAILED: host 'gone' "
                                                rf"\(root@127.0.0.1:{closed}\): cannot connect.*"
-                                               r"nothing was built or started"):
-        preflight_hosts(config)
+                                               r"nothing was built or started: fix the hosts "
+                                               r"above or /x/c.yaml"):
+        preflight_hosts([gone], Path("/x/c.yaml"))
