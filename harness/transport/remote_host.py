@@ -214,12 +214,13 @@ class RemoteHost:
                            timeout=timeout, banner_timeout=timeout, auth_timeout=timeout)
         except paramiko.BadHostKeyException as error:
             client.close()
+            # known_hosts names a host on another port '[host]:port' (paramiko's error does not)
+            entry = spec.address if spec.port == 22 else f"[{spec.address}]:{spec.port}"
             raise HostKeyError(
                 f"{spec.where} offered host key {fingerprint(error.key)}, but {spec.known_hosts} "
                 f"pins {fingerprint(error.expected_key)}. Someone may be intercepting the "
                 f"connection; if the host was reinstalled, remove the old entry with "
-                f"`ssh-keygen -R '{error.hostname}' -f {spec.known_hosts}` and pin the new "
-                "key") from None
+                f"`ssh-keygen -R '{entry}' -f {spec.known_hosts}` and pin the new key") from None
         except paramiko.AuthenticationException as error:
             client.close()
             key = spec.key_file or "your default keys"

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import ClusterConfig, HostConfig, parse_config
-from harness.backends.registry import backend_for
+from harness.backends.registry import backend_for, parse_config
+from harness.config import ClusterConfig, HostConfig
 from harness.hosts import HostsUnreachable, host_spec, preflight_hosts
 from harness.transport.local_process import free_loopback_port
 from harness.transport.remote_host import RemoteHostError, RemoteHostSpec
@@ -44,9 +44,10 @@ def test_the_hosts_checked_before_the_build_are_those_the_guest_runs_on(tmp_path
 
 def test_an_unreachable_host_fails_the_preflight_with_every_host_named(tmp_path: Path) -> None:
     closed = free_loopback_port()  # nothing listens there: connection refused, at once
-    config = remote_config(tmp_path, {"name": "gone", "address": "127.0.0.1", "port": closed,
-                                      "known_hosts": str(tmp_path / "known_hosts")})
+    gone = HostConfig(name="gone", address="127.0.0.1", user="root", port=closed, key_file=None,
+                      work_dir="/tmp/gvm", known_hosts=tmp_path / "known_hosts")
     with pytest.raises(HostsUnreachable, match=rf"(?s)gone.*FAILED: host 'gone' "
                                                rf"\(root@127.0.0.1:{closed}\): cannot connect.*"
-                                               r"nothing was built or started"):
-        preflight_hosts(config.hosts, config.path)
+                                               r"nothing was built or started: fix the hosts "
+                                               r"above or /x/c.yaml"):
+        preflight_hosts([gone], Path("/x/c.yaml"))

@@ -16,6 +16,7 @@ from harness.backends.giantvm import backend as giantvm_backend
 from harness.backends.giantvm.backend import GiantVMBackend, launcher_for
 from harness.backends.giantvm.guest import GiantVMGuest
 from harness.backends.registry import load_config
+from harness.config import REPO_ROOT
 from harness.progress import Progress
 from harness.run_folder import RunFolder
 from harness.stages import rootfs
@@ -165,3 +166,16 @@ def test_maxcpus_on_the_guest_command_line_is_how_many_vcpus_are_read() -> None:
     assert guest_session.vcpus_brought_up(4, "console=ttyS0 maxcpus=1 panic=-1") == 1
     assert guest_session.vcpus_brought_up(2, "maxcpus=8") == 2
     assert guest_session.vcpus_brought_up(4, "console=ttyS0 nomaxcpus=1") == 4
+
+
+def test_the_hosts_reached_before_the_build_are_the_remote_ones_that_exist_yet(
+        tmp_path, monkeypatch) -> None:
+    reached: list[list[str]] = []
+    monkeypatch.setattr(suite, "preflight_hosts",
+                        lambda hosts, source: reached.append([host.name for host in hosts]))
+    monkeypatch.setenv("GVM_EMULATED_HOST_KERNEL", str(tmp_path / "l1-bzImage"))
+    monkeypatch.setenv("GVM_GIANTVM_QEMU", str(tmp_path / "qemu"))
+    for name in ("local.yaml", "giantvm-emulated-2node.yaml"):  # this machine; booted by the run
+        suite.reach_hosts(load_config(REPO_ROOT / "vm_configs" / name), Progress())
+    suite.reach_hosts(config_with(tmp_path), Progress())
+    assert reached == [["h0", "h1"]]

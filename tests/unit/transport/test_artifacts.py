@@ -72,7 +72,7 @@ class ShellHost:
     def run(self, command: str, timeout_s: float = 60, check: bool = False,
             as_root: bool = False) -> RemoteResult:
         done = subprocess.run(["sh", "-c", command], capture_output=True, text=True,
-                              timeout=timeout_s)
+                              timeout=timeout_s, check=False)
         result = RemoteResult(self.name, command, done.returncode, done.stdout, done.stderr)
         if check:
             result.check()

@@ -94,6 +94,40 @@ def test_trust_on_first_use_writes_the_key_it_accepts(tmp_path: Path, rsa_key) -
     assert reloaded.check("[10.0.0.1]:2222", rsa_key)
 
 
+def test_a_changed_key_on_another_port_names_the_ssh_keygen_line_for_that_port(
+        tmp_path: Path, rsa_key) -> None:
+    """A real handshake with a paramiko server on a loopback port that is not 22: known_hosts
+    names hosts on other ports as '[host]:port', and so must `ssh-keygen -R`."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    pinned = paramiko.RSAKey.generate(1024)  # what known_hosts says; the server has rsa_key
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(f"[127.0.0.1]:{port} ssh-rsa {pinned.get_base64()}\n")
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        server = paramiko.Transport(connection)
+        server.add_server_key(rsa_key)
+        try:
+            server.start_server(server=paramiko.ServerInterface())
+        except (paramiko.SSHException, EOFError):
+            pass  # the client hangs up once it has seen the key
+        finally:
+            server.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    host = RemoteHost(RemoteHostSpec("moved", "127.0.0.1", port=port, known_hosts=known_hosts))
+    try:
+        with pytest.raises(HostKeyError, match=rf"offered host key ssh-rsa SHA256:.* but "
+                                               rf"{known_hosts} pins .*`ssh-keygen -R "
+                                               rf"'\[127\.0\.0\.1\]:{port}' -f {known_hosts}`"):
+            host.connect()
+    finally:
+        thread.join(timeout=10)
+        listener.close()
+
+
 def read_all(sock: socket.socket) -> bytes:
     sock.settimeout(5)
     data = b""
