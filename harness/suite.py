@@ -66,7 +66,11 @@ def probe_guest(session: GuestSession, progress: Progress) -> Observation:
             probe = JiffiesProbe(runner, transport, session.record.vcpus,
                                  session.record.vcpus_per_node)
             progress.say(f"    method: {probe.method}")
-            samples += probe.sample(config.probe.rounds, config.probe.interval_s)
+            started = time.monotonic()
+            samples += probe.sample(config.probe.rounds, config.probe.interval_s,
+                                    on_round=lambda done: progress.status(
+                                        f"round {done}/{config.probe.rounds} over {transport}",
+                                        started))
     session.run.write_json("samples.json", [sample.to_dict() for sample in samples])
     if stream is not None:
         session.run.write_json("stream.json", stream.to_dict())
