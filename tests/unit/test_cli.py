@@ -1,8 +1,10 @@
 """CLI exit codes: 0 done/pass, 1 a verdict or shipped model failed, 2 a harness error with a message."""
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import pytest
 import yaml
 
 from harness.cli import main
-from harness.config import DEFAULT_CONFIG
+from harness.config import DEFAULT_CONFIG, REPO_ROOT
 from tests.configs import shipped_config
 
 
@@ -191,3 +193,16 @@ def test_gc_keeps_the_newest_latest_and_running_guests(config_file: Path, tmp_pa
     assert sorted(p.name for p in runs.iterdir()) == [
         "20240101-000000-running", "20250101-000000-a", "20250103-000000-c", "latest"]
     assert "deleted " + str(runs / "20250102-000000-b") in capsys.readouterr().err
+
+
+def test_tab_completion_through_argcomplete_when_installed(tmp_path: Path) -> None:
+    pytest.importorskip("argcomplete", reason="argcomplete is optional: pip install -e "
+                                              "'.[completion]'")
+    completions = tmp_path / "completions"
+    subprocess.run([sys.executable, "-m", "harness"], check=False, cwd=REPO_ROOT, timeout=60,
+                   capture_output=True,
+                   env={**os.environ, "_ARGCOMPLETE": "1", "COMP_LINE": "gvm gc --",
+                        "COMP_POINT": "9", "_ARGCOMPLETE_IFS": " ",
+                        "_ARGCOMPLETE_STDOUT_FILENAME": str(completions)})
+    offered = completions.read_text().split()
+    assert {"--keep", "--older-than", "--dry-run", "--config", "--quiet"} <= set(offered)
