@@ -206,3 +206,11 @@ def test_tab_completion_through_argcomplete_when_installed(tmp_path: Path) -> No
                         "_ARGCOMPLETE_STDOUT_FILENAME": str(completions)})
     offered = completions.read_text().split()
     assert {"--keep", "--older-than", "--dry-run", "--config", "--quiet"} <= set(offered)
+
+
+def test_without_a_default_config_the_error_says_to_pass_one(monkeypatch, capsys,
+                                                              tmp_path: Path) -> None:
+    monkeypatch.setattr("harness.cli.DEFAULT_CONFIG", tmp_path / "vm_configs" / "local.yaml")
+    assert main(["status"]) == 2
+    assert "no --config given, and this installation has no default config" in \
+        capsys.readouterr().err
