@@ -181,17 +181,21 @@ def test_gc_keeps_the_newest_latest_and_running_guests(config_file: Path, tmp_pa
     for name in ("20250101-000000-a", "20250102-000000-b", "20250103-000000-c"):
         (runs / name).mkdir(parents=True)
         (runs / name / "initramfs.cpio").write_bytes(b"x" * 4096)
+        for path in (runs / name / "initramfs.cpio", runs / name):
+            os.utime(path, (1735689600, 1735689600))  # written in January 2025
+    (runs / "20250102-120000-building").mkdir()  # written just now: another run's, in use
     orphan = _orphan(runs, "20240101-000000-running")
     (runs / "latest").symlink_to("20250101-000000-a")
     try:
         assert main(["--config", str(config_file), "gc", "--keep", "1", "--dry-run"]) == 0
-        assert len(list(runs.iterdir())) == 5
+        assert len(list(runs.iterdir())) == 6
         assert main(["--config", str(config_file), "gc", "--keep", "1"]) == 0
     finally:
         orphan.kill()
         orphan.wait()
     assert sorted(p.name for p in runs.iterdir()) == [
-        "20240101-000000-running", "20250101-000000-a", "20250103-000000-c", "latest"]
+        "20240101-000000-running", "20250101-000000-a", "20250102-120000-building",
+        "20250103-000000-c", "latest"]
     assert "deleted " + str(runs / "20250102-000000-b") in capsys.readouterr().err
 
 
