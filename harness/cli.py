@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _interrupt)  # also when started with `&`, which ignores it
     progress = Progress(verbosity=args.verbosity)
     try:
-        config = load_config(args.config)
+        config = load_config(_config_path(args.config))
         return args.handler(args, config, progress)
     except KernelUnderTestError as error:
         progress.say(f"FAIL: {error}")
@@ -65,6 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         progress.say("interrupted: every QEMU this command started has been stopped")
         return EXIT_INTERRUPTED
+
+
+def _config_path(given: Path) -> Path:
+    """The default config ships with the checkout, not with a plain install: say so."""
+    if given == DEFAULT_CONFIG and not DEFAULT_CONFIG.is_file():
+        raise HarnessError(f"no --config given, and this installation has no default config "
+                           f"({DEFAULT_CONFIG} ships with a checkout of gvm-harness): pass "
+                           "--config FILE (a copy of the checkout's vm_configs/local.yaml)")
+    return given
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -15,6 +15,7 @@ from harness.errors import HarnessError, KernelUnderTestError
 
 STAMP_FORMAT = "%Y%m%d-%H%M%S"
 OUTCOME_FILE = "outcome.txt"
+IN_USE_S = 600  # `gvm gc` leaves a run folder alone that was written to this recently
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,11 @@ class RunFolder:
         started = self.started_at()
         return now - (started if started is not None else self.path.stat().st_mtime)
 
+    def last_written(self) -> float:
+        """The newest modification time of the folder or anything in it (epoch seconds)."""
+        return max([self.path.stat().st_mtime] +
+                   [p.stat().st_mtime for p in self.path.rglob("*") if not p.is_symlink()])
+
     def size(self) -> int:
         return sum(p.stat().st_size for p in self.path.rglob("*")
                    if p.is_file() and not p.is_symlink())
@@ -105,7 +111,9 @@ class RunFolder:
 def runs_to_prune(runs: list[RunFolder], keep_newest: int, older_than_s: float | None,
                   now: float, keep: Callable[[RunFolder], bool]) -> list[RunFolder]:
     """The retention rule of `gvm gc`: of `runs` (newest first), everything after the newest
-    `keep_newest` that is older than `older_than_s` (when given) and that `keep` does not hold
-    on to (a guest that still runs, `latest`)."""
+    `keep_newest` that is older than `older_than_s` (when given), that nothing wrote to in the
+    last IN_USE_S (another harness may be building into it) and that `keep` does not hold on
+    to (a guest that still runs, `latest`)."""
     return [run for run in runs[max(keep_newest, 0):]
-            if not keep(run) and (older_than_s is None or run.age_s(now) >= older_than_s)]
+            if not keep(run) and (older_than_s is None or run.age_s(now) >= older_than_s)
+            and now - run.last_written() >= IN_USE_S]

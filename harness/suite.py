@@ -20,7 +20,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import paramiko
 
@@ -67,11 +67,19 @@ def probe_guest(session: GuestSession, progress: Progress) -> Observation:
             probe = JiffiesProbe(runner, transport, session.record.vcpus,
                                  session.record.vcpus_per_node)
             progress.say(f"    method: {probe.method}")
-            samples += probe.sample(config.probe.rounds, config.probe.interval_s)
+            samples += probe.sample(config.probe.rounds, config.probe.interval_s,
+                                    on_round=_round_counter(progress, transport,
+                                                            config.probe.rounds))
     session.run.write_json("samples.json", [sample.to_dict() for sample in samples])
     if stream is not None:
         session.run.write_json("stream.json", stream.to_dict())
     return Observation(samples, stream)
+
+
+def _round_counter(progress: Progress, transport: str, rounds: int) -> Callable[[int], None]:
+    """'round k/N over <transport>' on the progress line, timed from now."""
+    started = time.monotonic()
+    return lambda done: progress.status(f"round {done}/{rounds} over {transport}", started)
 
 
 def stream_guest(session: GuestSession, progress: Progress) -> StreamResult | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import asdict, dataclass
-from typing import NamedTuple, Protocol
+from typing import Callable, NamedTuple, Protocol
 
 from harness.transport.exec import CommandResult
 from harness.errors import ProbeError
@@ -112,7 +112,9 @@ class JiffiesProbe:
         self.method = "kernel-probe" if has_kernel_probe else "taskset-timer_list"
         self.command = f"cat {KERNEL_PROBE}" if has_kernel_probe else fallback_command(vcpus)
 
-    def sample(self, rounds: int, interval_s: float) -> list[JiffiesSample]:
+    def sample(self, rounds: int, interval_s: float,
+               on_round: Callable[[int], None] = lambda done: None) -> list[JiffiesSample]:
+        """`rounds` readings of every vCPU, `interval_s` apart; `on_round(done)` after each."""
         samples = []
         for round_index in range(rounds):
             before = time.monotonic_ns()
@@ -127,6 +129,7 @@ class JiffiesProbe:
                     vcpu=row.vcpu, node=row.vcpu // self.vcpus_per_node, jiffies=row.jiffies,
                     guest_ns=row.guest_ns, host_ns=(before + after) // 2,
                     before_ns=row.before_ns, after_ns=row.after_ns))
+            on_round(round_index + 1)
             if round_index + 1 < rounds:
                 time.sleep(interval_s)
         return samples

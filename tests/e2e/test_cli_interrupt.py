@@ -1,6 +1,8 @@
-"""Ctrl-C during a real `harness run` stops the guest's QEMU and exits 130."""
+"""Ctrl-C during a real `harness run` stops the guest's QEMU, leaves a junit.xml that says so and
+exits 130."""
 
 import os
+import xml.etree.ElementTree as ElementTree
 import signal
 import subprocess
 import sys
@@ -46,3 +48,6 @@ def test_interrupt_during_the_probe_stops_qemu(tmp_path: Path, guest_kernel, sto
     assert process.returncode == 130, output
     assert "interrupted" in output
     assert not alive(qemu_pid), f"QEMU {qemu_pid} survived the interrupt"
+    suite = ElementTree.parse(tmp_path / "runs" / "latest" / "junit.xml").getroot()
+    assert suite.get("errors") == "1" and suite.find("testcase").get("name") == "interrupted"
+    assert "INTERRUPTED" in (tmp_path / "runs" / "latest" / "summary.md").read_text()

@@ -1,8 +1,10 @@
 """CLI exit codes: 0 done/pass, 1 a verdict or shipped model failed, 2 a harness error with a message."""
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import pytest
 import yaml
 
 from harness.cli import main
-from harness.config import DEFAULT_CONFIG
+from harness.config import DEFAULT_CONFIG, REPO_ROOT
 from tests.configs import shipped_config
 
 
@@ -179,15 +181,40 @@ def test_gc_keeps_the_newest_latest_and_running_guests(config_file: Path, tmp_pa
     for name in ("20250101-000000-a", "20250102-000000-b", "20250103-000000-c"):
         (runs / name).mkdir(parents=True)
         (runs / name / "initramfs.cpio").write_bytes(b"x" * 4096)
+        for path in (runs / name / "initramfs.cpio", runs / name):
+            os.utime(path, (1735689600, 1735689600))  # written in January 2025
+    (runs / "20250102-120000-building").mkdir()  # written just now: another run's, in use
     orphan = _orphan(runs, "20240101-000000-running")
     (runs / "latest").symlink_to("20250101-000000-a")
     try:
         assert main(["--config", str(config_file), "gc", "--keep", "1", "--dry-run"]) == 0
-        assert len(list(runs.iterdir())) == 5
+        assert len(list(runs.iterdir())) == 6
         assert main(["--config", str(config_file), "gc", "--keep", "1"]) == 0
     finally:
         orphan.kill()
         orphan.wait()
     assert sorted(p.name for p in runs.iterdir()) == [
-        "20240101-000000-running", "20250101-000000-a", "20250103-000000-c", "latest"]
+        "20240101-000000-running", "20250101-000000-a", "20250102-120000-building",
+        "20250103-000000-c", "latest"]
     assert "deleted " + str(runs / "20250102-000000-b") in capsys.readouterr().err
+
+
+def test_tab_completion_through_argcomplete_when_installed(tmp_path: Path) -> None:
+    pytest.importorskip("argcomplete", reason="argcomplete is optional: pip install -e "
+                                              "'.[completion]'")
+    completions = tmp_path / "completions"
+    subprocess.run([sys.executable, "-m", "harness"], check=False, cwd=REPO_ROOT, timeout=60,
+                   capture_output=True,
+                   env={**os.environ, "_ARGCOMPLETE": "1", "COMP_LINE": "gvm gc --",
+                        "COMP_POINT": "9", "_ARGCOMPLETE_IFS": " ",
+                        "_ARGCOMPLETE_STDOUT_FILENAME": str(completions)})
+    offered = completions.read_text().split()
+    assert {"--keep", "--older-than", "--dry-run", "--config", "--quiet"} <= set(offered)
+
+
+def test_without_a_default_config_the_error_says_to_pass_one(monkeypatch, capsys,
+                                                              tmp_path: Path) -> None:
+    monkeypatch.setattr("harness.cli.DEFAULT_CONFIG", tmp_path / "vm_configs" / "local.yaml")
+    assert main(["status"]) == 2
+    assert "no --config given, and this installation has no default config" in \
+        capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Run folders: unique names, `latest`, and finding the newest run that started a guest."""
 
+import os
 import time
 from pathlib import Path
 
@@ -54,6 +55,11 @@ def test_the_retention_rule_keeps_the_newest_the_held_and_the_young(tmp_path: Pa
     names = ["20261130-000000-e", "20261129-000000-d", "20261120-000000-c",
              "20261110-000000-b", "20261101-000000-a"]
     runs = [RunFolder(tmp_path / name) for name in names]
+    for run in runs:
+        run.path.mkdir()
+        (run.path / "build.log").write_text("make\n")
+        os.utime(run.path / "build.log", (now - 86400, now - 86400))
+        os.utime(run.path, (now - 86400, now - 86400))
     held = {"20261110-000000-b"}
 
     def keep(run: RunFolder) -> bool:
@@ -64,3 +70,6 @@ def test_the_retention_rule_keeps_the_newest_the_held_and_the_young(tmp_path: Pa
     assert [r.path.name for r in runs_to_prune(runs, 1, 15 * 86400, now, keep)] == \
         ["20261101-000000-a"]
     assert runs_to_prune(runs, 10, None, now, keep) == []
+    os.utime(runs[4].path / "build.log", (now - 60, now - 60))  # a build still writing there
+    assert [r.path.name for r in runs_to_prune(runs, 2, None, now, keep)] == \
+        ["20261120-000000-c"]

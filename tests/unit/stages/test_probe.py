@@ -66,3 +66,9 @@ def test_probe_falls_back_and_labels_samples() -> None:
                                                             (1, 1, 1)]
     assert runner.commands[1] == fallback_command(2)
     assert [(s.before_ns, s.after_ns, s.guest_ns) for s in samples[:2]] == [(7, 7, 7), (9, 9, 9)]
+
+
+def test_each_round_is_counted_as_it_ends() -> None:
+    done: list[int] = []
+    JiffiesProbe(FakeRunner(), "ssh", vcpus=2, vcpus_per_node=1).sample(3, 0, on_round=done.append)
+    assert done == [1, 2, 3]

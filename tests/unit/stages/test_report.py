@@ -57,7 +57,7 @@ def test_junit_carries_the_context_as_properties(tmp_path) -> None:
 class _Page(HTMLParser):
     """Every link, image and table row class of a page; fails on unbalanced tags."""
 
-    VOID = {"meta", "img", "br", "link"}
+    VOID = frozenset({"meta", "img", "br", "link"})
 
     def __init__(self) -> None:
         super().__init__()
