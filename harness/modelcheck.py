@@ -31,14 +31,19 @@ VARIANTS = (
     "contract_v1_local_first",  # the same for local_first
     "shipped_send_all",         # host_patches/, kvm.atomic_inc_mode=send_all
     "shipped_local_first",      # host_patches/, kvm.atomic_inc_mode=local_first
+    "bounded_send_all",         # shipped_send_all with timeouts, the epoch fence and fallback
+    "bounded_local_first",      # the same for local_first
+    "bounded_noepoch_send_all",  # bounded_send_all without the epoch check
 )
-LTL_PROPERTIES = ("monotonic", "converge", "skew")
+LTL_PROPERTIES = ("monotonic", "converge", "skew", "no_late_update")
 DEADLOCK_PROPERTY = "no_deadlock"
 PROPERTIES = (*LTL_PROPERTIES, DEADLOCK_PROPERTY)
 VIOLATION_MEANING = {
     "monotonic": "a guest read on some node returned less than an earlier read there",
     "converge": "once nothing could move any more, some node did not read the number of ticks",
     "skew": "two nodes read jiffies values more than one tick apart",
+    "no_late_update": "an UPDATE changed a node's copy after that node answered a failed round's "
+                      "fence",
     DEADLOCK_PROPERTY: "threads are stuck forever (invalid end state)",
 }
 

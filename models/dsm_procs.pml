@@ -32,10 +32,27 @@ proctype timekeeper() {
 		select(x : 0 .. N - 1);
 		vcpu_read_jiffies(x, old);
 		new = old + 1;    /* the host's a2 + a3 */
+#ifdef BOUNDED
+		if
+		:: fell_back ->
+			printf("ev: tick %d on node %d: do_timer reads jiffies=%d, ATOMIC_INC is off\n",
+				round + 1, x, old)
+		:: else ->
+#endif
 		printf("ev: tick %d on node %d: do_timer reads jiffies=%d, hypercall ATOMIC_INC(old=%d, ticks=1)\n",
 			round + 1, x, old, old)
+#ifdef BOUNDED
+		fi
+#endif
 	   }
+#ifdef BOUNDED
+	   if
+	   :: !fell_back -> hypercall(x, new, round)
+	   :: else -> guest_store(x, new)
+	   fi;
+#else
 	   hypercall(x, new, round);
+#endif
 	   atomic { round++; x = 0; old = 0; new = 0 }
 	:: round == TICKS -> break
 	od;
@@ -61,6 +78,9 @@ end_idle:
 		apply_update(node, v);
 		v = 0
 	   }
+#ifdef BOUNDED
+	:: atomic { fence_box[node] -> fence_box[node] = false; apply_fence(node) }
+#endif
 	od
 }
 
@@ -157,3 +177,6 @@ ltl converge { [] (settled -> (lo == TICKS && hi == TICKS)) }
 /* 3. Two nodes never read values more than one tick apart. */
 ltl skew { [] (hi <= lo + 1) }
 /* 4. No deadlock: a separate build with -DNOCLAIM reports invalid end states. */
+/* 5. No UPDATE changes a node's copy after that node answered a failed round's fence (for the
+      sender: after it raised its own epoch). Only BOUNDED variants have fences. */
+ltl no_late_update { [] !late }

@@ -12,6 +12,8 @@
  *                 1: Ivy moves the page too: nodes start INITIAL, other vCPUs read jiffies
  *                    (read faults copy the owner's page), one vCPU writes a neighbouring
  *                    variable in the same page (write fault, invalidation via the copyset)
+ * A variant that defines BOUNDED has rounds that may time out (bounded_*.pml): the round's
+ * state below, and the timekeeper falls back to storing jiffies itself after a failed round.
  */
 #ifndef N
 #define N 2
@@ -46,6 +48,13 @@ bool vcpu_has_mm[N];       /* the timekeeping vCPU thread of node i still has cu
 byte inbox[N * MAXT];      /* UPDATE value for node i from round r at [i*MAXT + r]; 0 = none */
 byte acks;                 /* acknowledgements of the current round (synchronous variants) */
 bool settled;              /* nothing can move any more (set once, by quiescence) */
+/* BOUNDED variants: a failed round's fence and the guest's fallback. */
+bool fence_box[N];         /* a fence waits in node i's receive queue */
+bool fenced[N];            /* node i answered the fence (the sender: it raised its epoch) */
+byte epoch[N];             /* node i's ATOMIC_INC epoch: 0, or 1 after a fence */
+byte fence_acks;           /* fence answers the sender got */
+bool fell_back;            /* the guest got an error and stores jiffies itself from now on */
+bool late;                 /* ghost: an UPDATE changed a node's copy after that node was fenced */
 
 /* Ghosts for the properties: what a guest read on each node returns, and derived facts. */
 byte seen[N];
@@ -168,9 +177,9 @@ inline ivy_read_fault(x) {
 	fi
 }
 
-/* Ivy write fault of the page on node x for a variable next to jiffies (ivy_kvm_dsm_page_fault,
-   write). The caller holds x's dsm_lock. */
-inline ivy_write_fault(x) {
+/* Node x takes the page for writing (ivy_kvm_dsm_page_fault, write): it becomes the owner
+   (MODIFIED) and every other copy is invalidated. The caller holds x's dsm_lock. */
+inline ivy_own_for_write(x) {
 	if
 	:: state[x] == MODIFIED
 	:: x == 0 && state[0] == INITIAL ->
@@ -191,7 +200,12 @@ inline ivy_write_fault(x) {
 		state[owner] = INVALID;
 		invalidate(copyset, x);
 		owner = x; state[x] = MODIFIED; copyset = 1 << x
-	fi;
+	fi
+}
+
+/* Ivy write fault of the page on node x for a variable next to jiffies. */
+inline ivy_write_fault(x) {
+	ivy_own_for_write(x);
 	printf("ev: node %d: guest wrote a neighbour of jiffies, node %d is owner (MODIFIED)\n", x, x);
 	observe()
 }
