@@ -156,7 +156,8 @@ class FakeHost:
             if self.kvm_mode is None:
                 status = 3
             else:
-                self.kvm_mode = text.split("printf %s ")[1].split(" ")[0]
+                if "printf %s " in text:
+                    self.kvm_mode = text.split("printf %s ")[1].split(" ")[0]
                 out = self.kvm_mode
         elif text == "dmesg":
             out = self.dmesg

@@ -3,7 +3,8 @@ started, found again and stopped as one guest (cluster.py does the processes).
 
 `start` selects the ATOMIC_INC method on every host through /sys/module/kvm/parameters/
 atomic_inc_mode (which only the patched kvm has, so this is also the check that `deploy` was
-done), uploads the guest kernel and initramfs to the same content-addressed path on every host,
+done; with `as_built` it checks instead that the hosts' kvm has no such parameter, i.e. that the
+method is compiled in, as in moharaka's original branches), uploads the guest kernel and initramfs to the same content-addressed path on every host,
 and starts the nodes. `attach` rebuilds the cluster from the guest's record in session.json.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from harness.backends.base import BootSpec, StartSpec
-from harness.backends.giantvm.config import LAUNCHER, giantvm_of, node_hosts
+from harness.backends.giantvm.config import AS_BUILT, LAUNCHER, giantvm_of, node_hosts
 from harness.backends.giantvm.cluster import ClusterError, GiantVMCluster
 from harness.backends.giantvm.guest import ClusterRecord, GiantVMGuest, start_guest
 from harness.backends.giantvm.lines import GiantVMLauncher, NodePlacement
@@ -48,7 +49,19 @@ def launcher_for(config: ClusterConfig, boot: BootSpec, run_id: str) -> GiantVML
 
 
 def select_atomic_inc_mode(hosts: Sequence[RemoteHost], mode: str) -> None:
-    """Write the method into every host's kvm and read it back."""
+    """Write the method into every host's kvm and read it back; for `as_built`, check that no
+    host's kvm could be told a method (else the verdict would name the wrong one)."""
+    def keep_as_built(host: RemoteHost) -> None:
+        result = host.run(f"[ -e {MODE_FILE} ] || exit 3; cat {MODE_FILE}", timeout_s=15,
+                          as_root=True)
+        if result.exit_status == 3:
+            return
+        result.check()
+        raise AtomicIncModeError(f"host '{host.name}' runs a kvm whose method is chosen at run "
+                                 f"time ({MODE_FILE} reads '{result.stdout.strip()}'), but "
+                                 f"giantvm.atomic_inc_mode is {AS_BUILT}, which is for a kvm "
+                                 "with its method compiled in; set send_all or local_first")
+
     def select(host: RemoteHost) -> None:
         result = host.run(f"[ -e {MODE_FILE} ] || exit 3; printf %s {mode} > {MODE_FILE} && "
                           f"cat {MODE_FILE}", timeout_s=15, as_root=True)
@@ -60,7 +73,8 @@ def select_atomic_inc_mode(hosts: Sequence[RemoteHost], mode: str) -> None:
             raise AtomicIncModeError(f"host '{host.name}': {MODE_FILE} reads "
                               f"'{result.stdout.strip()}' after writing '{mode}'")
 
-    result = on_hosts(hosts, f"atomic_inc_mode={mode}", select)
+    result = on_hosts(hosts, f"atomic_inc_mode={mode}",
+                      keep_as_built if mode == AS_BUILT else select)
     if result.failed:
         raise ClusterError(result.summary())
 

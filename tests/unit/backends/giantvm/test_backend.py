@@ -79,3 +79,39 @@ def test_a_failed_start_leaves_no_connection_open(tmp_path, run, monkeypatch) ->
     with pytest.raises(ClusterError, match="without ATOMIC_INC"):
         GiantVMBackend(opener=opener(hosts)).start(StartSpec(config, boot, run, Progress()))
     assert all(host.closes == 1 and not host.processes for host in hosts.values())
+
+
+def test_as_built_leaves_a_kvm_without_the_parameter_alone_and_the_record_names_it(
+        tmp_path, run, monkeypatch) -> None:
+    """moharaka's original branches compile the method in: nothing is written to any host."""
+    config = config_with(tmp_path, atomic_inc_mode="as_built", host_modules=None)
+    events, hosts = fake_hosts()
+    for host in hosts.values():
+        host.kvm_mode = None
+    monkeypatch.setattr(giantvm_backend, "upload_artifacts", fake_uploads([]))
+    boot = BootSpec(tmp_path / "bzImage", tmp_path / "initramfs.cpio", config.guest.cmdline,
+                    config.vm.vcpus, config.vm.memory_mb)
+    launcher = launcher_for(config, boot, run.path.name)
+    for index, name in enumerate(("h0", "h1")):
+        hosts[name].script[f"gvm-{run.path.name}-node{index}"] = (good_log(launcher, index), None)
+
+    guest = GiantVMBackend(opener=opener(hosts)).start(StartSpec(config, boot, run, Progress()))
+    try:
+        mode_commands = [event[2] for event in events
+                         if event[1] == "run" and "atomic_inc_mode" in event[2]]
+        assert len(mode_commands) == 2 and not any("printf" in text for text in mode_commands)
+        assert json.loads(run.file("launch.json").read_text())["atomic_inc_mode"] == "as_built"
+        assert GiantVMBackend().atomic_inc_mode(config) == "as_built"
+    finally:
+        guest.stop()
+        guest.detach()
+
+
+def test_as_built_on_a_kvm_whose_method_is_chosen_at_run_time_is_refused(tmp_path) -> None:
+    _, hosts = fake_hosts()
+    hosts["h0"].kvm_mode = None
+    hosts["h1"].kvm_mode = "local_first"
+    with pytest.raises(ClusterError, match=r"h1.*chosen at run time .*reads 'local_first'.*"
+                                           r"set send_all or local_first"):
+        select_atomic_inc_mode(list(hosts.values()), "as_built")
+    assert hosts["h1"].kvm_mode == "local_first"

@@ -21,15 +21,22 @@ def giantvm_base() -> dict:
 
 
 @pytest.mark.parametrize("path", GIANTVM_EXAMPLES, ids=lambda p: p.name)
-def test_giantvm_examples_load_with_one_node_per_host(path: Path) -> None:
+def test_giantvm_examples_load_and_every_host_runs_a_node(path: Path) -> None:
     config = load_config(path)
     assert config.vm.launcher == "giantvm" and config.section(GiantVMConfig) is not None
     giantvm = config.section(GiantVMConfig)
     nodes = giantvm.nodes
     assert len(nodes) == config.vm.nodes
-    assert [node.host for node in nodes] == [host.name for host in config.hosts]
+    assert list(dict.fromkeys(node.host for node in nodes)) == [host.name for host in config.hosts]
     if config.section(EmulatedHostsConfig) is None:  # real hosts get the host kvm from `deploy`
         assert (giantvm.host_modules is None) != (giantvm.host_kernel is None)
+
+
+def test_the_seed_setup_runs_both_nodes_on_one_emulated_host_over_loopback() -> None:
+    config = load_config(DEFAULT_CONFIG.parent / "giantvm-emulated-1host.yaml")
+    nodes = config.section(GiantVMConfig).nodes
+    assert [(node.host, node.ip) for node in nodes] == [("emu0", "127.0.0.1")] * 2
+    assert config.section(EmulatedHostsConfig).cpus == 2
 
 
 def test_the_examples_cover_two_and_four_nodes_and_both_methods() -> None:
@@ -54,6 +61,8 @@ def _giantvm_hosts(data: dict, **changes) -> None:
      r"giantvm.host_kernel: and host_modules are alternatives"),
     (lambda d: d["giantvm"].update(atomic_inc_mode="both"),
      r"giantvm.atomic_inc_mode: 'both' is not one of: send_all, local_first"),
+    (lambda d: d["giantvm"].update(atomic_inc_mode="as_built"),
+     r"giantvm.atomic_inc_mode: as_built is for a kvm without .*`deploy` loads host_modules"),
     (lambda d: d["giantvm"].update(machine="virt"), r"giantvm.machine: 'virt' is not one of"),
     (lambda d: d["vm"].update(accel="tcg"), r"giantvm: GiantVM runs on KVM only"),
     (lambda d: d["vm"].update(nodes=5, vcpus=5), r"vm.nodes: GiantVM supports at most 4 nodes"),
