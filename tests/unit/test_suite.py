@@ -15,7 +15,7 @@ from harness.backends.base import BootSpec, HostLog
 from harness.backends.giantvm import backend as giantvm_backend
 from harness.backends.giantvm.backend import GiantVMBackend, launcher_for
 from harness.backends.giantvm.guest import GiantVMGuest
-from harness.backends.registry import load_config
+from harness.backends.registry import backend_for, load_config
 from harness.config import REPO_ROOT
 from harness.progress import Progress
 from harness.run_folder import RunFolder
@@ -176,6 +176,8 @@ def test_the_hosts_reached_before_the_build_are_the_remote_ones_that_exist_yet(
     monkeypatch.setenv("GVM_EMULATED_HOST_KERNEL", str(tmp_path / "l1-bzImage"))
     monkeypatch.setenv("GVM_GIANTVM_QEMU", str(tmp_path / "qemu"))
     for name in ("local.yaml", "giantvm-emulated-2node.yaml"):  # this machine; booted by the run
-        suite.reach_hosts(load_config(REPO_ROOT / "vm_configs" / name), Progress())
-    suite.reach_hosts(config_with(tmp_path), Progress())
+        config = load_config(REPO_ROOT / "vm_configs" / name)
+        suite.reach_hosts(config, backend_for(config), Progress())
+    cluster = config_with(tmp_path)
+    suite.reach_hosts(cluster, backend_for(cluster), Progress())
     assert reached == [["h0", "h1"]]
