@@ -5,7 +5,6 @@ touches) and the config around it."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -142,31 +141,3 @@ def snapshot(root: Path) -> dict[str, bytes]:
     """Every file of the tree, byte for byte (the harness's own record excluded)."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
             if p.is_file() and ".gvm-harness" not in p.parts}
-
-
-def group_alive(group: int) -> bool:
-    """Does any process of `group` still run (zombies do not count)?"""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == group and fields[0] != "Z":
-            return True
-    return False
-
-
-def wait_until_gone(group: int, timeout_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while group_alive(group):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
-def kill_group(group: int) -> None:
-    try:
-        os.killpg(group, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

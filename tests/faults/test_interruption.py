@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from harness.run_folder import OUTCOME_FILE
-from tests.faults.gvm_process import (Gvm, group_alive, kernel_tree, kill_group,
-                                      real_guest_config, tree_config, wait_until_gone)
+from tests.faults.gvm_process import Gvm, kernel_tree, real_guest_config, tree_config
+from tests.processes import group_alive, kill_group, wait_until_gone
 
 pytestmark = pytest.mark.faults
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from harness.guest_session import SESSION_FILE
-from tests.faults.gvm_process import group_alive, gvm, kill_group, real_guest_config
+from tests.faults.gvm_process import gvm, real_guest_config
+from tests.processes import group_alive, kill_group
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 

@@ -13,6 +13,7 @@ import pytest
 
 from harness.config import REPO_ROOT
 from harness.transport.local_process import stop_process_group
+from tests.processes import group_alive
 
 
 def start(script: str) -> subprocess.Popen:
@@ -60,17 +61,6 @@ if mode == "untether":
 print(process.pid, flush=True)
 sys.stdin.read()
 """
-
-
-def group_alive(group: int) -> bool:
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == group and fields[0] != "Z":
-            return True
-    return False
 
 
 def wait_until(condition, what: str, timeout_s: float = 30.0) -> None:
