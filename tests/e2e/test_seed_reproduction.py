@@ -40,11 +40,13 @@ def seed_kernel(variable: str) -> str:
     return os.environ[variable]
 
 
-def left_running() -> list[str]:
-    """Emulated hosts of any run still alive (their QEMU lines carry this name)."""
+def left_running(tmp_path: Path) -> list[str]:
+    """This test's emulated hosts still alive (their QEMU lines name the run folder, so the
+    emulated hosts of other runs on the same machine do not count)."""
     result = subprocess.run(["pgrep", "-af", "gvm-emulated-host"], capture_output=True, text=True,
                             check=False)
-    return [line for line in result.stdout.splitlines() if "pgrep" not in line]
+    return [line for line in result.stdout.splitlines()
+            if "pgrep" not in line and str(tmp_path) in line]
 
 
 def seed_run(tmp_path: Path, kernel: str, mode: str) -> tuple[int, dict, RunFolder]:
@@ -57,7 +59,7 @@ def seed_run(tmp_path: Path, kernel: str, mode: str) -> tuple[int, dict, RunFold
     try:
         status = main(["--config", str(config), "run"])
     finally:
-        assert left_running() == []
+        assert left_running(tmp_path) == []
     run = RunFolder.newest_with(tmp_path / "runs", "verdict.json")
     assert run is not None, "no verdict was written"
     return status, json.loads(run.file("verdict.json").read_text()), run
