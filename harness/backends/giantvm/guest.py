@@ -355,8 +355,8 @@ class GiantVMGuest:
         findings = self.dmesg_findings()
         (self.cluster.local_dir / "host-dmesg.json").write_text(
             json.dumps([asdict(host) for host in findings], indent=2, sort_keys=True) + "\n")
-        return [HostLog(host.host, "no DEADLOCK/BUG/WARNING/invalid gfn lines, every DSM "
-                                   "connection line", host.problems())
+        return [HostLog(host.host, "no DEADLOCK/lockup/hung task/Oops/BUG/WARNING/invalid "
+                                   "gfn lines, every DSM connection line", host.problems())
                 for host in findings]
 
     def host_counters(self) -> dict[str, dict[str, int]]:

@@ -300,6 +300,9 @@ DMESG_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("ATOMIC_INC failed", re.compile(r"KVM_HC_ATOMIC_INC on gpa \S+ failed")),
     ("node refused", re.compile(r"kvm-dsm: refusing node-\d+")),
     ("connect failed", re.compile(r"kvm-dsm: node-\d+ failed to connect to node-\d+")),
+    ("lockup", re.compile(r"soft lockup|hard LOCKUP|self-detected stall|detected stalls? on")),
+    ("hung task", re.compile(r"blocked for more than \d+ seconds")),
+    ("Oops", re.compile(r"Oops: |general protection fault")),
     ("BUG", re.compile(r"\bBUG: |kernel BUG at ")),
     ("WARNING", re.compile(r"\bWARNING: ")),
 )

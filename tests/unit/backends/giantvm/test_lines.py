@@ -233,3 +233,14 @@ def test_dmesg_scan_after_the_run_marker() -> None:
 def test_dmesg_scan_without_the_marker_says_why() -> None:
     with pytest.raises(GiantVMSpecError, match="no 'gvm-harness: run r9 starts' line"):
         scan_dmesg(DMESG, run_id="r9")
+
+
+def test_dmesg_scan_names_oopses_hung_tasks_and_lockups() -> None:
+    text = """\
+[   30.0] Oops: 0000 [#1] SMP
+[   31.0] INFO: task qemu-system-x86:123 blocked for more than 120 seconds.
+[   32.0] NMI watchdog: BUG: soft lockup - CPU#0 stuck for 22s! [dsm-conn/0:2:99]
+[   33.0] INFO: rcu_sched self-detected stall on CPU
+[   34.0] general protection fault: 0000 [#2] SMP
+"""
+    assert [f.kind for f in scan_dmesg(text)] == ["Oops", "hung task", "lockup", "lockup", "Oops"]

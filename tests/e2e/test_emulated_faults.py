@@ -1,0 +1,171 @@
+"""Faults on the emulated GiantVM cluster (issue 16): node 1's QEMU killed, and the network
+between the two hosts cut, while the guest runs with ATOMIC_INC on; and a guest that asks
+KVM_HC_ATOMIC_INC with a bad gpa, size or offset. After a fault, node 0's kernel logs no oops,
+hung task or lockup, the guest keeps running and counting ticks with ATOMIC_INC off, the verdict
+says so, and nothing is left running.
+
+The fault is made between `up` and the probe, in this process, so the console tail and the
+host logs are the ones the run itself reads. Needs GVM_EMULATED_HOST_KERNEL (Linux-DSM with
+host_patches/giantvm-master, bounded waits included) and GVM_GIANTVM_QEMU, as
+tests/e2e/test_emulated_hosts.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness import suite
+from harness.config import load_config
+from harness.guest_session import GuestSession
+from harness.progress import Progress
+from harness.run_folder import RunFolder
+from harness.transport.console_log import read_log
+from harness.transport.remote_host import RemoteHost, RemoteHostSpec
+from tests.e2e.test_emulated_hosts import emulated_config
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not (os.environ.get("GVM_EMULATED_HOST_KERNEL")
+                            and os.environ.get("GVM_GIANTVM_QEMU")),
+                       reason="GVM_EMULATED_HOST_KERNEL and GVM_GIANTVM_QEMU are not both set: "
+                              "point them at a Linux-DSM emulated-host kernel and a static "
+                              "GiantVM QEMU tree (docs/emulated-hosts.md)"),
+]
+
+FALLBACK = "ATOMIC_INC: disabled: hypercall returned -14"
+KVM_EFAULT = "-14"
+# Kinds of host kernel log lines (harness/backends/giantvm/lines.py) that mean the host itself
+# is in trouble; "ATOMIC_INC failed" is the expected report of the fault, not trouble.
+HOST_TROUBLE = {"DEADLOCK", "invalid gfn", "BUG", "WARNING", "Oops", "hung task", "lockup"}
+BAD_ARGS = ("size-4", "size-huge", "offset-4", "offset-page-end", "gpa-beyond-ram", "gpa-lapic")
+GUEST_FAULT = Path(__file__).resolve().parents[1] / "guest-fault"
+# The nested guest took 15 minutes to boot on the 2-core machine at load 13-20 (other sessions'
+# emulated hosts beside these); the config's 900 s were too few there.
+BOOT_S = 3600
+# no_timer_check: at that load an emulated host's 4.9 kernel once panicked in its boot-time check
+# of the IO-APIC timer ("IO-APIC + timer doesn't work!"), a TCG timing artefact.
+HOST_CMDLINE = "console=ttyS0 panic=-1 idle=halt loglevel=4 no_timer_check"
+
+
+def left_running(tmp_path: Path) -> list[str]:
+    """This test's emulated hosts still alive (their QEMU lines name files under tmp_path);
+    other sessions' emulated hosts on the same machine are not this test's business."""
+    result = subprocess.run(["pgrep", "-af", "gvm-emulated-host"], capture_output=True, text=True)
+    return [line for line in result.stdout.splitlines()
+            if str(tmp_path) in line and "pgrep" not in line]
+
+
+def on_host(session: GuestSession, name: str, command: str) -> str:
+    """Run a command as root on one emulated host, over its management SSH."""
+    guest = session.guest
+    record = next(record for record, _ in guest.hosts if record.name == name)
+    spec = RemoteHostSpec(name, "127.0.0.1", port=record.ssh_port,
+                          key_file=Path(guest.client_key), known_hosts=Path(guest.known_hosts))
+    with RemoteHost(spec) as host:
+        return host.run(command, check=True, as_root=True, timeout_s=60).stdout
+
+
+def wait_for_console(session: GuestSession, text: str, timeout_s: float) -> list[str]:
+    """The guest console's lines that hold `text`, once there is one."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        lines = [line for line in read_log(session.kernel_console_log).splitlines()
+                 if text in line]
+        if lines:
+            return lines
+        assert time.monotonic() < deadline, \
+            f"no '{text}' on the guest console within {timeout_s:.0f}s"
+        time.sleep(1)
+
+
+def judged(tmp_path: Path, fault, patches: Path | None = None) -> tuple[dict, dict[str, set[str]]]:
+    """up, the fault, then the probe and the verdict with the guest stopped at its end: the
+    verdict and the kinds of each host's kernel log findings."""
+    path = emulated_config(tmp_path, timeouts__boot_s=BOOT_S,
+                           emulated_hosts__cmdline=HOST_CMDLINE)
+    if patches is not None:
+        data = yaml.safe_load(path.read_text())
+        data["guest"]["kernel"]["patches"] = str(patches)
+        path.write_text(yaml.safe_dump(data))
+    config = load_config(path)
+    run = RunFolder.create(config.run_root, config.name)
+    progress = Progress()
+    session = suite.up(config, run, progress)
+    judged_to_the_end = False
+    try:
+        fault(session)
+        suite.probe_and_judge(session, progress, stop=True)
+        judged_to_the_end = True
+    finally:
+        if not judged_to_the_end:
+            session.close()
+    verdict = json.loads(run.file("verdict.json").read_text())
+    (dmesg,) = run.path.rglob("host-dmesg.json")
+    findings = {host["host"]: {finding["kind"] for finding in host["findings"]}
+                for host in json.loads(dmesg.read_text())}
+    return verdict, findings
+
+
+def guest_checks(verdict: dict) -> list[dict]:
+    return [check for check in verdict["checks"] if check["transport"] != "dmesg"]
+
+
+def assert_fell_back_and_kept_running(verdict: dict, findings: dict[str, set[str]]) -> None:
+    context = verdict["context"]
+    assert context["atomic_inc"][0] == "ATOMIC_INC: enabled"
+    assert context["atomic_inc"][-1].startswith(FALLBACK), context["atomic_inc"]
+    assert not context["protocol_exercised"]
+    failed = [check for check in guest_checks(verdict) if not check["passed"]]
+    assert guest_checks(verdict) and not failed, failed
+    assert findings["emu0"] & HOST_TROUBLE == set(), findings
+    assert "ATOMIC_INC failed" in findings["emu0"], findings
+
+
+def test_node_1s_qemu_killed_mid_run(tmp_path) -> None:
+    def kill_node_1(session: GuestSession) -> None:
+        on_host(session, "emu1", "killall -KILL qemu-system-x86_64")
+        wait_for_console(session, FALLBACK, 120)
+
+    try:
+        verdict, findings = judged(tmp_path, kill_node_1)
+        assert_fell_back_and_kept_running(verdict, findings)
+    finally:
+        assert left_running(tmp_path) == []
+
+
+def test_network_between_the_hosts_cut_mid_run(tmp_path) -> None:
+    def cut(session: GuestSession) -> None:
+        on_host(session, "emu0", "ip link set eth1 down")
+        wait_for_console(session, FALLBACK, 120)
+
+    try:
+        verdict, findings = judged(tmp_path, cut)
+        assert_fell_back_and_kept_running(verdict, findings)
+    finally:
+        assert left_running(tmp_path) == []
+
+
+def test_bad_gpa_size_and_offset_get_an_error_and_the_host_stays_up(tmp_path) -> None:
+    answers: list[str] = []
+
+    def bad_arguments(session: GuestSession) -> None:
+        wait_for_console(session, "GVM-BAD-ARGS: done", 60)
+        answers.extend(wait_for_console(session, "GVM-BAD-ARGS: ", 1))
+
+    try:
+        verdict, findings = judged(tmp_path, bad_arguments, patches=GUEST_FAULT)
+        for case in BAD_ARGS:
+            (line,) = [answer for answer in answers if f"GVM-BAD-ARGS: {case} " in answer]
+            assert line.endswith(f"-> {KVM_EFAULT}"), line
+        assert verdict["context"]["protocol_exercised"], verdict["context"]
+        assert verdict["passed"], [check for check in verdict["checks"] if not check["passed"]]
+        assert all(not kinds for kinds in findings.values()), findings
+    finally:
+        assert left_running(tmp_path) == []
