@@ -2,6 +2,10 @@
 
 Exit codes: 0 the verdict passed (or the command succeeded), 1 the verdict failed, 2 the harness
 could not get that far (the message says why), 130 interrupted.
+
+Over 400 lines because it holds one short handler per command, each turning its arguments into
+one call below (suite.py, the stages, the backends' own commands through the registry) and the
+outcome into an exit code and the run folder's reports; none of the work is done here.
 """
 
 from __future__ import annotations
