@@ -64,9 +64,15 @@ def test_tick_mover_hands_the_tick_to_every_vcpu_and_jiffies_stay_coherent(
         cluster, cluster_config, guest_ssh) -> None:
     assert guest_ssh.run(tick_mover_command(20_000, 30)).exit_status == 0
     try:
-        holders = {int(guest_ssh.run(f"cat {TICK_MOVER_FILE}").check("mover")
-                       .split("timekeeper=")[1]) for _ in range(20)}
-        assert holders == set(range(cluster_config.vm.vcpus)), holders
+        every_vcpu = set(range(cluster_config.vm.vcpus))
+        holders: set[int] = set()
+        for _ in range(200):  # a read is a moment: on a busy host some holders pass between two
+            holders.add(int(guest_ssh.run(f"cat {TICK_MOVER_FILE}").check("mover")
+                            .split("timekeeper=")[1]))
+            if every_vcpu <= holders:
+                break
+        # -1 is TICK_DO_TIMER_NONE: for a moment no vCPU holds the duty (an idle holder let go)
+        assert holders - {-1} == every_vcpu, holders
         result = stream(guest_ssh, 5, cluster.record.vcpus_per_node)
         hz = cluster.record.hz
         checks = check_coherence(result.readings, hz, "ssh-stream", hz,   # lag bound: 1 s
