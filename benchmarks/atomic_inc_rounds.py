@@ -25,7 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness import suite  # noqa: E402
-from harness.config import load_config  # noqa: E402
+from harness.backends.emulated.config import EmulatedHostsConfig  # noqa: E402
+from harness.backends.giantvm.config import giantvm_of  # noqa: E402
+from harness.backends.registry import load_config  # noqa: E402
 from harness.progress import Progress  # noqa: E402
 from harness.run_folder import RunFolder  # noqa: E402
 from harness.transport.remote_host import RemoteHost, RemoteHostSpec  # noqa: E402
@@ -60,7 +62,7 @@ def main() -> int:
     parser.add_argument("--window", type=float, default=4.0)
     args = parser.parse_args()
     config = load_config(args.config)
-    config = replace(config, giantvm=replace(config.giantvm, atomic_inc_mode=args.mode))
+    config = config.with_section(replace(giantvm_of(config), atomic_inc_mode=args.mode))
     run = RunFolder.create(config.run_root, f"bench-{config.name}")
     progress = Progress()
     session = suite.up(config, run, progress)
@@ -87,7 +89,8 @@ def main() -> int:
     totals = [total for total, _ in rounds]
     stamps = [stamp for _, stamp in rounds]
     span_s = max((max(stamps) - min(stamps)) / 1000, 1e-3)
-    print(f"kernel {config.emulated_hosts.kernel if config.emulated_hosts else '?'}, "
+    emulated = config.section(EmulatedHostsConfig)
+    print(f"kernel {emulated.kernel if emulated else '?'}, "
           f"method {args.mode}, host load {load_before:.1f} -> {load_after:.1f}")
     print("rounds  rounds/s  p50_ms  p99_ms  max_ms")
     print(f"{len(rounds):6d}  {len(rounds) / span_s:8.1f}  {percentile(totals, 0.5) / 1000:6.2f}  "

@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from harness import guest_session, suite  # noqa: E402
 from harness.backends.base import BootSpec  # noqa: E402
 from harness.backends.local_qemu import QemuLauncher  # noqa: E402
-from harness.config import DEFAULT_CONFIG, load_config  # noqa: E402
+from harness.backends.registry import load_config  # noqa: E402
+from harness.config import DEFAULT_CONFIG  # noqa: E402
 from harness.progress import Progress  # noqa: E402
 from harness.run_folder import RunFolder  # noqa: E402
 from harness.stages import rootfs  # noqa: E402

@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from harness import guest_session  # noqa: E402
 from harness.stages.coherence import (ClockBounds, check_coherence,  # noqa: E402
                                       measure_clock_bounds)
-from harness.config import DEFAULT_CONFIG, load_config  # noqa: E402
+from harness.backends.registry import load_config  # noqa: E402
+from harness.config import DEFAULT_CONFIG  # noqa: E402
 from harness.stages.probe import JiffiesProbe  # noqa: E402
 from harness.stages.stream import STREAM_FILE, read_stream, stream_command  # noqa: E402
 from harness.run_folder import RunFolder  # noqa: E402

@@ -30,7 +30,8 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from harness.config import DEFAULT_CONFIG, load_config  # noqa: E402
+from harness.backends.registry import load_config  # noqa: E402
+from harness.config import DEFAULT_CONFIG  # noqa: E402
 from harness.stages import build_reuse  # noqa: E402
 
 

@@ -135,6 +135,11 @@ class ClusterConfig:
         """The parsed section of that type (a backend asks for its own), None if not given."""
         return next((found for found in self.backend_sections if isinstance(found, kind)), None)
 
+    def with_section(self, new: object) -> ClusterConfig:
+        """This config with `new` in place of the parsed section of its type."""
+        return replace(self, backend_sections=tuple(
+            new if type(found) is type(new) else found for found in self.backend_sections))
+
 
 SectionT = TypeVar("SectionT")
 

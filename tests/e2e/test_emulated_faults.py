@@ -13,7 +13,6 @@ tests/e2e/test_emulated_hosts.py.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -22,22 +21,15 @@ import pytest
 import yaml
 
 from harness import suite
-from harness.config import load_config
+from harness.backends.registry import load_config
 from harness.guest_session import GuestSession
 from harness.progress import Progress
 from harness.run_folder import RunFolder
 from harness.transport.console_log import read_log
 from harness.transport.remote_host import RemoteHost, RemoteHostSpec
-from tests.e2e.test_emulated_hosts import emulated_config
+from tests.e2e.test_emulated_hosts import emulated_config, needs_emulated_hosts
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(not (os.environ.get("GVM_EMULATED_HOST_KERNEL")
-                            and os.environ.get("GVM_GIANTVM_QEMU")),
-                       reason="GVM_EMULATED_HOST_KERNEL and GVM_GIANTVM_QEMU are not both set: "
-                              "point them at a Linux-DSM emulated-host kernel and a static "
-                              "GiantVM QEMU tree (docs/emulated-hosts.md)"),
-]
+pytestmark = [pytest.mark.e2e, needs_emulated_hosts]
 
 FALLBACK = "ATOMIC_INC: disabled: hypercall returned -14"
 KVM_EFAULT = "-14"

@@ -21,14 +21,11 @@ from harness.cli import main
 from harness.run_folder import RunFolder
 from tests.configs import shipped_config
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(not (os.environ.get("GVM_EMULATED_HOST_KERNEL")
-                            and os.environ.get("GVM_GIANTVM_QEMU")),
-                       reason="GVM_EMULATED_HOST_KERNEL and GVM_GIANTVM_QEMU are not both set: "
-                              "point them at a Linux-DSM emulated-host kernel and a static "
-                              "GiantVM QEMU tree (docs/emulated-hosts.md)"),
-]
+needs_emulated_hosts = pytest.mark.skipif(
+    not (os.environ.get("GVM_EMULATED_HOST_KERNEL") and os.environ.get("GVM_GIANTVM_QEMU")),
+    reason="GVM_EMULATED_HOST_KERNEL and GVM_GIANTVM_QEMU are not both set: point them at a "
+           "Linux-DSM emulated-host kernel and a static GiantVM QEMU tree (docs/emulated-hosts.md)")
+pytestmark = [pytest.mark.e2e, needs_emulated_hosts]
 
 
 def left_running() -> list[str]:

@@ -1,5 +1,6 @@
 """The giantvm section: the shipped examples load, and each kind of mistake names the key and fix."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,13 @@ def test_a_giantvm_section_needs_the_giantvm_launcher() -> None:
     data["giantvm"] = giantvm_base()["giantvm"]
     with pytest.raises(ConfigError, match=r"giantvm: is only read with vm.launcher 'giantvm'"):
         parse(data)
+
+
+def test_with_section_replaces_only_the_section_of_its_type() -> None:
+    config = load_config(DEFAULT_CONFIG.parent / "giantvm-emulated-2node.yaml")
+    emulated = config.section(EmulatedHostsConfig)
+    changed = config.with_section(replace(config.section(GiantVMConfig),
+                                          atomic_inc_mode="local_first"))
+    assert changed.section(GiantVMConfig).atomic_inc_mode == "local_first"
+    assert changed.section(EmulatedHostsConfig) is emulated
+    assert config.section(GiantVMConfig).atomic_inc_mode == "send_all"
