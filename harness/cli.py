@@ -385,7 +385,7 @@ def _reports_on_every_exit(run: RunFolder, config: ClusterConfig) -> Iterator[No
                                              "before the verdict"))
         raise
     except HarnessError as error:
-        stage = "guest kernel" if isinstance(error, KernelUnderTestError) else \
+        stage = error.culprit if isinstance(error, KernelUnderTestError) else \
             type(error).__name__
         _write_stopped(run, config, RunError(stage, str(error)))
         raise

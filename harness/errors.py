@@ -35,7 +35,12 @@ class BootError(HarnessError):
 
 
 class KernelUnderTestError(BootError):
-    """The kernel under test failed; the message quotes its console and names the log."""
+    """The kernel under test failed; the message quotes its console and names the log.
+    `culprit` names which kernel: the guest's, or a host's (its kvm is under test too)."""
+
+    def __init__(self, message: str, culprit: str = "guest kernel"):
+        super().__init__(message)
+        self.culprit = culprit
 
 
 class ConsoleError(HarnessError):

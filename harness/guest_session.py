@@ -110,6 +110,17 @@ class GuestSession:
             raise BootError(f"QEMU exited with {status}; {self.guest.qemu_log_tail()}; the kernel "
                             f"console ({self.kernel_console_log}) ends with {tail}")
 
+    def raise_if_down(self) -> None:
+        """raise_if_dead, and a KernelUnderTestError naming the host whose kernel oopsed: a
+        guest whose host kvm died will not become ready, and its timeout may be an hour."""
+        self.raise_if_dead()
+        failure = self.guest.host_kernel_failure()
+        if failure is not None:
+            raise KernelUnderTestError(
+                f"host '{failure.host}': its kernel failed while the guest booted: "
+                f"'{failure.line}'; the guest cannot become ready. The host's whole log since "
+                "the run began is in host-dmesg.json", culprit=f"host kernel of {failure.host}")
+
     def disconnect(self) -> None:
         for connection in (self.console, self.ssh):
             if connection is not None:
@@ -136,7 +147,21 @@ def boot_timeout(config: ClusterConfig, accelerator: str, seconds: float) -> flo
 def boot_guest(config: ClusterConfig, kernel: Path, hz: int, run: RunFolder, progress: Progress,
                cmdline: str | None = None, backend: Backend | None = None) -> GuestSession:
     """Start the guest and wait until init says it is ready (or the kernel dies, or time runs
-    out). `backend`: the config's own (backend_for) unless the command names one."""
+    out); on failure the guest is stopped. `backend`: the config's own (backend_for) unless the
+    command names one."""
+    session = start_session(config, kernel, hz, run, progress, cmdline, backend)
+    try:
+        wait_until_ready(session, progress)
+    except BaseException:
+        session.close()
+        raise
+    return session
+
+
+def start_session(config: ClusterConfig, kernel: Path, hz: int, run: RunFolder,
+                  progress: Progress, cmdline: str | None = None,
+                  backend: Backend | None = None) -> GuestSession:
+    """Start the guest and record it in session.json; it may still be booting."""
     backend = backend or backend_for(config)
     config = backend.judged_config(config)
     with progress.step("build initramfs (busybox, dropbear, this run's keys)"):
@@ -159,16 +184,17 @@ def boot_guest(config: ClusterConfig, kernel: Path, hz: int, run: RunFolder, pro
         finally:
             guest.detach()
         raise
-    session = GuestSession(record, guest, run, config)
-    try:
-        with progress.step(f"boot {config.vm.vcpus} vCPUs under {guest.accelerator.upper()} on "
-                           f"{guest.where} (console: {session.kernel_console_log})"):
-            _wait_for_ready(session, boot_timeout(config, guest.accelerator,
-                                                  config.timeouts.boot_s), progress)
-    except BaseException:
-        session.close()
-        raise
-    return session
+    return GuestSession(record, guest, run, config)
+
+
+def wait_until_ready(session: GuestSession, progress: Progress) -> None:
+    """Until init says the guest is ready; KernelUnderTestError when a kernel under test dies
+    or the guest's kernel started but never got there, BootError otherwise."""
+    config, guest = session.config, session.guest
+    with progress.step(f"boot {config.vm.vcpus} vCPUs under {guest.accelerator.upper()} on "
+                       f"{guest.where} (console: {session.kernel_console_log})"):
+        _wait_for_ready(session, boot_timeout(config, guest.accelerator, config.timeouts.boot_s),
+                        progress)
 
 
 def vcpus_brought_up(vcpus: int, cmdline: str) -> int:
@@ -181,7 +207,7 @@ def vcpus_brought_up(vcpus: int, cmdline: str) -> int:
 def _wait_for_ready(session: GuestSession, timeout_s: float, progress: Progress) -> None:
     marker = rootfs.READY_MARKER
     try:
-        wait_for_marker(session.kernel_console_log, marker, timeout_s, session.raise_if_dead,
+        wait_for_marker(session.kernel_console_log, marker, timeout_s, session.raise_if_down,
                         lambda started: progress.status(f"waiting for '{marker}'", started))
     except MarkerTimeout as timeout:
         started = KERNEL_STARTED in read_log(session.kernel_console_log)

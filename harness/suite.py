@@ -32,14 +32,16 @@ from harness.hosts import preflight_hosts
 from harness.progress import Progress
 from harness.run_folder import RunFolder
 from harness.stages.guest_kernel import kernel_hz, patch_and_build
-from harness.stages.judge import STREAM, check_samples, check_stream
+from harness.stages.judge import (STREAM, check_atomic_inc_stayed_on, check_samples,
+                                  check_stream)
 from harness.stages.probe import JiffiesProbe, JiffiesSample
 from harness.stages.report import (RunContext, plot_lag, verdict_table, write_junit,
                                    write_run_reports)
 from harness.stages.stream import STREAM_FILE, StreamResult, read_stream, stream_command
 from harness.stages.verdict import CheckResult, Verdict
 from harness.stages.workloads import report as report_workloads, start_commands, stop_commands
-from harness.guest_session import GuestSession, attach_session, boot_guest
+from harness.guest_session import (GuestSession, attach_session, boot_guest, start_session,
+                                   wait_until_ready)
 from harness.transport.console_log import read_log
 
 STREAM_SLACK_S = 10  # the guest's `cat` and the workloads end by themselves this long after
@@ -149,16 +151,21 @@ def judge(observation: Observation, hz: int, config: ClusterConfig, run: RunFold
     if not checks:
         checks.append(CheckResult("jiffies samples", "-", False, 0.0, "at least one reading",
                                   "no samples were taken"))
+    if context is not None:
+        checks += check_atomic_inc_stayed_on(context.atomic_inc, context.atomic_inc_mode)
     return write_reports(Verdict(tuple(checks + list(host_checks or ()))), config, run,
                          observation, hz, context)
 
 
 def kernel_failure(error: KernelUnderTestError, config: ClusterConfig, run: RunFolder,
-                   context: RunContext | None = None) -> Verdict:
-    """A kernel under test that died or never became ready is a FAIL, with its reports."""
-    check = CheckResult("guest kernel", "console", False, 1.0,
-                        "no panic/Oops/BUG; reaches the ready marker", str(error))
-    return write_reports(Verdict((check,)), config, run, Observation([], None), 0, context)
+                   context: RunContext | None = None,
+                   host_checks: list[CheckResult] | None = None) -> Verdict:
+    """A kernel under test that died or never became ready is a FAIL, with its reports; the
+    row names the kernel (the guest's or a host's), and the hosts' log rows say what they saw."""
+    check = CheckResult(error.culprit, "console" if error.culprit == "guest kernel" else "dmesg",
+                        False, 1.0, "no panic/Oops/BUG; reaches the ready marker", str(error))
+    return write_reports(Verdict((check, *(host_checks or ()))), config, run,
+                         Observation([], None), 0, context)
 
 
 def write_reports(verdict: Verdict, config: ClusterConfig, run: RunFolder,
@@ -261,39 +268,82 @@ def run_suite(config: ClusterConfig, run: RunFolder, progress: Progress, keep: b
 def boot_and_judge(config: ClusterConfig, kernel: Path, hz: int, run: RunFolder,
                    progress: Progress, keep: bool = False,
                    backend: Backend | None = None) -> Verdict:
+    session = start_session(config, kernel, hz, run, progress, backend=backend)
+    baseline = Baseline(os.getloadavg()[0], {}, time.monotonic())
     try:
-        session = boot_guest(config, kernel, hz, run, progress, backend=backend)
-    except KernelUnderTestError as error:
-        return kernel_failure(error, (backend or backend_for(config)).judged_config(config), run)
+        wait_until_ready(session, progress)
+    except KernelUnderTestError as failure:
+        return judge_after_stop(session, progress, True, Observation([], None), baseline,
+                                failure)
+    except BaseException:
+        session.close()
+        raise
     announce(session, progress)
     return probe_and_judge(session, progress, stop=not keep)
 
 
+@dataclass(frozen=True)
+class Baseline:
+    """This machine's load, the hosts' counters and the time as the observation began."""
+
+    load: float
+    counters: dict[str, dict[str, int]]
+    started: float
+
+
 def probe_and_judge(session: GuestSession, progress: Progress, stop: bool) -> Verdict:
     """Probe, then (with `stop`) stop the guest, then read the hosts' logs, then judge."""
+    baseline = Baseline(os.getloadavg()[0], _counters(session), time.monotonic())
+    try:
+        observation = probe_guest(session, progress)
+    except KernelUnderTestError as failure:
+        return judge_after_stop(session, progress, stop, Observation([], None), baseline,
+                                failure)
+    except BaseException:
+        _stop_or_leave(session, stop)
+        raise
+    return judge_after_stop(session, progress, stop, observation, baseline)
+
+
+def _stop_or_leave(session: GuestSession, stop: bool) -> None:
+    if stop:
+        session.close()
+    else:
+        session.detach()
+
+
+def judge_after_stop(session: GuestSession, progress: Progress, stop: bool,
+                     observation: Observation, baseline: Baseline,
+                     failure: KernelUnderTestError | None = None) -> Verdict:
+    """Stop (or leave) the guest, read the hosts' logs (after the stop, so shutdown lines
+    count), judge and write the reports; `failure`: a kernel under test that died. A stop that
+    fails is raised only after the verdict is written: the readings are complete, and a host
+    too slow to stop its nodes in time must not cost them."""
     config, run = session.config, session.run
-    load_before, counters_before = os.getloadavg()[0], _counters(session)
-    started = time.monotonic()
+    rates: dict[str, dict[str, float]] = {}
+    if failure is None:
+        rates = host_rates(baseline.counters, _counters(session),
+                           time.monotonic() - baseline.started)
+        run.write_json("metrics.json", rates)
+    stop_error: HarnessError | None = None
     try:
         try:
-            observation = probe_guest(session, progress)
-            rates = host_rates(counters_before, _counters(session), time.monotonic() - started)
-            run.write_json("metrics.json", rates)
-        except KernelUnderTestError as error:
-            context = run_context(session, Observation([], None),
-                                  (load_before, os.getloadavg()[0]), {})
-            return kernel_failure(error, config, run, context)
-        finally:
-            if stop:
-                session.close()
-            else:
-                session.detach()
-        context = run_context(session, observation, (load_before, os.getloadavg()[0]), rates)
-        checks = host_checks(session, progress)  # after the stop: shutdown lines count too
+            _stop_or_leave(session, stop)
+        except HarnessError as error:
+            stop_error = error
+        context = run_context(session, observation, (baseline.load, os.getloadavg()[0]), rates)
+        checks = host_checks(session, progress)
     finally:
         session.detach()
-    return judge(observation, session.record.hz, config, run, checks, context,
-                 one_clock=session.guest.one_clock)
+    if failure is not None:
+        verdict = kernel_failure(failure, config, run, context, checks)
+    else:
+        verdict = judge(observation, session.record.hz, config, run, checks, context,
+                        one_clock=session.guest.one_clock)
+    if stop_error is not None:
+        raise HarnessError(f"{stop_error}\nThe verdict was written before this "
+                           f"({run.file('verdict.txt')}).") from None
+    return verdict
 
 
 def probe(config: ClusterConfig, run: RunFolder, progress: Progress) -> Verdict:

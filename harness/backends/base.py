@@ -76,6 +76,14 @@ class HostLog:
     problems: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class HostKernelFailure:
+    """A host kernel that failed while the guest ran (its kvm is under test too)."""
+
+    host: str
+    line: str  # the first fatal line of its log since the run began
+
+
 class RunningGuest(Protocol):
     endpoints: GuestEndpoints
 
@@ -114,6 +122,11 @@ class RunningGuest(Protocol):
 
     def host_counters(self) -> dict[str, dict[str, int]]:
         """Per host, the host kvm's ATOMIC_INC and DSM counters now ({} where there are none)."""
+
+    def host_kernel_failure(self) -> HostKernelFailure | None:
+        """A host kernel that oopsed, locked up or hung a task since the run began, so the
+        guest's wait can end at once instead of at its timeout (None where hosts are not ours).
+        Cheap to call often: an implementation that reads logs over SSH throttles itself."""
 
     def stop(self) -> None:
         """Stop every process of this guest; safe to call twice."""
@@ -155,6 +168,9 @@ class GuestOnBootedHosts(ABC):
 
     def host_counters(self) -> dict[str, dict[str, int]]:
         return self.guest.host_counters()
+
+    def host_kernel_failure(self) -> HostKernelFailure | None:
+        return self.guest.host_kernel_failure()
 
     def stop(self) -> None:
         try:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.backends.accel import choose_accelerator
-from harness.backends.base import BootSpec, GuestEndpoints, HostLog, StartSpec, unix_socket_path
+from harness.backends.base import (BootSpec, GuestEndpoints, HostKernelFailure, HostLog,
+                                   StartSpec, unix_socket_path)
 from harness.config import STOCK_LAUNCHER, ClusterConfig, HostConfig
 from harness.errors import BootError
 from harness.run_folder import RunFolder
@@ -107,6 +108,9 @@ class QemuGuest:
 
     def host_counters(self) -> dict[str, dict[str, int]]:
         return {}  # no DSM
+
+    def host_kernel_failure(self) -> HostKernelFailure | None:
+        return None  # the host's kernel is not under test here
 
     def wait_for_socket(self, path: Path, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

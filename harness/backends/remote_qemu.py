@@ -21,7 +21,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
-from harness.backends.base import BootSpec, GuestEndpoints, HostLog, StartSpec, unix_socket_path
+from harness.backends.base import (BootSpec, GuestEndpoints, HostKernelFailure, HostLog,
+                                   StartSpec, unix_socket_path)
 from harness.backends.local_qemu import QemuLauncher
 from harness.config import STOCK_LAUNCHER, ClusterConfig, HostConfig
 from harness.errors import BootError, HarnessError
@@ -283,6 +284,9 @@ class RemoteQemuGuest:
 
     def host_counters(self) -> dict[str, dict[str, int]]:
         return {}  # no DSM
+
+    def host_kernel_failure(self) -> HostKernelFailure | None:
+        return None  # the host's kernel is not under test here
 
     def open_local(self, fresh: bool) -> None:
         """Start the console tail and the two forwards; undone by `close_local`."""

@@ -23,6 +23,7 @@ from harness.stages.verdict import CheckResult, Verdict
 NS_PER_S = 1_000_000_000
 STREAM = "ssh-stream"
 TICKS_COUNTED = "ticks counted"
+ATOMIC_INC_ENABLED = "ATOMIC_INC: enabled"
 
 
 def clocks_for(readings: Sequence, drains: Sequence, one_clock: bool) -> ClockBounds:
@@ -73,3 +74,17 @@ def check_rate_host_clock(samples: list[JiffiesSample], transport: str, hz: int,
     return CheckResult("rate vs host clock", transport, low <= rate <= high, round(rate, 2),
                        f"{low:.1f}..{high:.1f} ticks/s",
                        f"{ticks:.0f} ticks in {elapsed_ns / NS_PER_S:.2f}s of host time")
+
+
+def check_atomic_inc_stayed_on(lines: Sequence[str], mode: str | None) -> list[CheckResult]:
+    """With a host kvm of ours set to a method (`mode`) and a guest that switched ATOMIC_INC
+    on, every tick must have gone through the protocol: a guest that turned it off (a round
+    that failed, or returned 0 before its value was stored) keeps jiffies coherent by page
+    faults, and a PASS of the coherence checks would then say nothing about ATOMIC_INC. Not a
+    check where the guest never switched it on (its command line, or no DSM to ask)."""
+    if mode is None or not lines or lines[0] != ATOMIC_INC_ENABLED:
+        return []
+    turned_off = [line for line in lines[1:] if "disabled" in line]
+    return [CheckResult("ATOMIC_INC stayed on", "console", not turned_off,
+                        float(len(turned_off)), "no 'ATOMIC_INC: disabled' after enabled",
+                        turned_off[0] if turned_off else f"method {mode}: every tick used it")]

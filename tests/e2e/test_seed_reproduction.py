@@ -79,26 +79,33 @@ def test_the_shipped_series_passes_on_the_seed_setup_with_atomic_inc_on(tmp_path
 
 def test_the_original_send_all_is_turned_off_by_the_guest_at_its_first_tick(tmp_path) -> None:
     """The hypercall returns 0 before any node applied its UPDATE (fire and forget), so the
-    guest's read-back sees the old value and falls back to local ticks: the verdict then judges
-    Ivy page faults, and says ATOMIC_INC was not exercised."""
+    guest's read-back sees the old value and falls back to local ticks: the verdict FAILs
+    "ATOMIC_INC stayed on", quoting the guest, while the coherence checks (now of Ivy page
+    faults) pass."""
     status, verdict, _ = seed_run(tmp_path, seed_kernel("GVM_SEED_SEND_ALL_KERNEL"), "as_built")
     context = verdict["context"]
     assert context["atomic_inc_mode"] == "as_built"
     assert context["atomic_inc"][0] == "ATOMIC_INC: enabled"
     assert "hypercall returned 0 but jiffies_64 is" in context["atomic_inc"][1], context
     assert not context["protocol_exercised"]
-    assert status == 0 and verdict["passed"], failed(verdict)
+    assert status == 1 and not verdict["passed"]
+    [off] = failed(verdict)
+    assert off["name"] == "ATOMIC_INC stayed on", failed(verdict)
+    assert "hypercall returned 0 but jiffies_64 is" in off["detail"], off
 
 
 def test_the_original_update_first_kills_the_vcpu_thread_at_its_first_tick(tmp_path) -> None:
     """update_local() runs the kthread-only use_mm()/unuse_mm() on the vCPU thread: the host
-    oopses on that thread at the first hypercall and the guest never becomes ready. The verdict
-    has only the guest-kernel row; the host's log, read as the hosts stopped, shows the cause:
-    kvm_dsm_release_page()'s WARN_ON(kvm->mm != current->mm), then NULL dereferences."""
+    oopses on that thread at the first hypercall and the guest never becomes ready. The wait
+    for the guest ends at the host's BUG line (not at the boot timeout), the FAIL row names the
+    host's kernel, and its log row shows the cause: kvm_dsm_release_page()'s
+    WARN_ON(kvm->mm != current->mm), then NULL dereferences."""
     status, verdict, run = seed_run(tmp_path, seed_kernel("GVM_SEED_UPDATE_FIRST_KERNEL"),
                                     "as_built")
     assert status == 1 and not verdict["passed"]
-    assert [check["name"] for check in failed(verdict)] == ["guest kernel"], failed(verdict)
+    assert [check["name"] for check in failed(verdict)] == [
+        "host kernel of emu0", "host kernel log of emu0"], failed(verdict)
+    assert "NULL pointer dereference" in failed(verdict)[0]["detail"], failed(verdict)
     [host] = json.loads(run.file("host-dmesg.json").read_text())
     lines = {finding["kind"]: finding["line"] for finding in reversed(host["findings"])}
     assert "arch/x86/kvm/dsm.c:" in lines["WARNING"], host

@@ -17,10 +17,12 @@ from harness.backends.giantvm.backend import GiantVMBackend, launcher_for
 from harness.backends.giantvm.guest import GiantVMGuest
 from harness.backends.registry import backend_for, load_config
 from harness.config import REPO_ROOT
+from harness.errors import HarnessError
 from harness.progress import Progress
 from harness.run_folder import RunFolder
 from harness.stages import rootfs
 from harness.stages.verdict import CheckResult
+from harness.transport.remote_host import RemoteHostError
 from tests.configs import giantvm_config as config_with
 from tests.fakes import fake_hosts, fake_uploads, opener
 from tests.unit.backends.giantvm.test_cluster import good_log
@@ -113,9 +115,59 @@ def test_a_kernel_that_panics_at_boot_is_a_fail_with_reports(cluster_run) -> Non
     verdict = suite.boot_and_judge(config, config.path.parent / "bzImage", 250, run, Progress())
     assert not verdict.passed
     assert [(check.name, check.transport) for check in verdict.checks] == [
-        ("guest kernel", "console")]
+        ("guest kernel", "console"), ("host kernel log of h0", "dmesg"),
+        ("host kernel log of h1", "dmesg")]
     assert "Kernel panic - not syncing" in verdict.checks[0].detail
     assert run.file("junit.xml").is_file() and "FAIL" in run.file("verdict.txt").read_text()
+    assert all(not process.alive for host in hosts.values()
+               for process in host.processes.values())
+
+
+def test_a_host_kernel_that_oopses_while_the_guest_boots_ends_the_wait_and_is_named(
+        cluster_run, monkeypatch) -> None:
+    """The guest never becomes ready (its boot timeout may be an hour); the host's BUG line,
+    written after this run's marker, ends the wait at once and the FAIL row names that host."""
+    config, _, hosts, run = cluster_run
+    hosts["h0"].console = b"Linux version 6.1\nrcu: Hierarchical SRCU implementation.\n"
+    marked = hosts["h1"].run
+
+    def run_and_oops(command, **options):
+        result = marked(command, **options)
+        if "/dev/kmsg" in str(command):
+            hosts["h1"].dmesg += ("[  180.0] BUG: unable to handle kernel NULL pointer "
+                                  "dereference at 0000000000000068\n")
+        return result
+
+    monkeypatch.setattr(hosts["h1"], "run", run_and_oops)
+    verdict = suite.boot_and_judge(config, config.path.parent / "bzImage", 250, run, Progress())
+    assert not verdict.passed
+    assert [(check.name, check.transport) for check in verdict.checks][0] == (
+        "host kernel of h1", "dmesg")
+    assert "NULL pointer dereference" in verdict.checks[0].detail
+    assert "NULL pointer dereference" in verdict.checks[2].detail  # h1's log row says it too
+    assert "host kernel of h1" in run.file("verdict.txt").read_text()
+
+
+def test_an_old_boots_bug_line_does_not_end_the_wait(cluster_run) -> None:
+    """Only lines after this run's marker count: the fakes' dmesg starts with yesterday's BUG."""
+    config, _, _, run = cluster_run
+    session = guest_session.boot_guest(config, config.path.parent / "bzImage", 250, run, Progress())
+    try:
+        assert session.guest.host_kernel_failure() is None
+    finally:
+        session.close()
+
+
+def test_a_stop_that_fails_after_the_probe_still_writes_the_verdict(cluster_run) -> None:
+    config, _, hosts, run = cluster_run
+    session = guest_session.boot_guest(config, config.path.parent / "bzImage", 250, run, Progress())
+    hosts["h1"].stop_error = RemoteHostError("host 'h1': could not stop 'gvm-node1'")
+    observation = suite.Observation([], None)
+    baseline = suite.Baseline(0.0, {}, 0.0)
+    with pytest.raises(HarnessError, match="could not stop .*\n.*verdict was written before"):
+        suite.judge_after_stop(session, Progress(), True, observation, baseline)
+    assert json.loads(run.file("verdict.json").read_text())["passed"] is False  # no samples
+    assert run.file("junit.xml").is_file()
 
 
 class _BrokenRunner:

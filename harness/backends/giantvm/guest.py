@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
-from harness.backends.base import GuestEndpoints, HostLog, unix_socket_path
+from harness.backends.base import GuestEndpoints, HostKernelFailure, HostLog, unix_socket_path
 from harness.backends.giantvm.cluster import (LOG_CHUNK, LOG_TAIL_LINES, ClusterHost,
                                               ClusterStartError, ClusterStopError,
                                               GiantVMCluster, NodeProcess)
@@ -33,6 +33,11 @@ from harness.transport.remote_process import RemoteProcess
 
 
 DEBUGFS = "/sys/kernel/debug"
+# Findings that mean a host kernel is broken, not only unhappy: the wait for the guest ends on
+# them. Warnings, hung tasks and lockups are judged at the end of the run instead: on a loaded
+# TCG host a healthy kernel can print a lockup.
+FATAL_HOST_KINDS = ("Oops", "BUG")
+HOST_SCAN_INTERVAL_S = 20.0  # one `dmesg` per host at most this often while the guest boots
 COUNTERS_COMMAND = (
     f"grep -qs ' {DEBUGFS} ' /proc/mounts || mount -t debugfs none {DEBUGFS} 2>/dev/null; "
     f"for f in {DEBUGFS}/kvm/atomic_inc_* {DEBUGFS}/kvm/dsm_*; do "
@@ -129,6 +134,7 @@ class GiantVMGuest:
     _lifecycles: dict[int, RemoteProcess] = field(default_factory=dict, repr=False)
     _logs: dict[int, _NodeLog] = field(default_factory=dict, repr=False)
     _status: int | None = field(default=None, repr=False)
+    _next_host_scan: float = field(default=0.0, repr=False)
 
     @property
     def endpoints(self) -> GuestEndpoints:
@@ -348,6 +354,20 @@ class GiantVMGuest:
         return [outcome.value if outcome.ok and outcome.value is not None
                 else HostDmesg(outcome.host, error=str(outcome.error))
                 for outcome in result.outcomes]
+
+    def host_kernel_failure(self) -> HostKernelFailure | None:
+        """The first Oops or BUG in a host's log since the run began; at most one scan every
+        HOST_SCAN_INTERVAL_S. A host that cannot be read counts as nothing found: a lost host
+        shows as a lost node."""
+        now = self.cluster.clock()
+        if now < self._next_host_scan:
+            return None
+        self._next_host_scan = now + HOST_SCAN_INTERVAL_S
+        for host in self.dmesg_findings():
+            for finding in host.findings:
+                if finding.kind in FATAL_HOST_KINDS:
+                    return HostKernelFailure(host.host, finding.line)
+        return None
 
     def host_logs(self) -> list[HostLog]:
         """Every host's kernel log since the run began (host-dmesg.json in the run folder holds

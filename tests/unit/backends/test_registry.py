@@ -59,6 +59,9 @@ class ScriptedGuest:
     def host_counters(self) -> dict[str, dict[str, int]]:
         return {"nowhere": {"atomic_inc_sent": 0}}
 
+    def host_kernel_failure(self) -> None:
+        return None
+
     def stop(self) -> None:
         self.stopped = True
 

@@ -4,8 +4,10 @@ and only the checks the config asks for are made. The checks themselves: test_co
 
 from dataclasses import replace
 
+import pytest
+
 from harness.config import CheckConfig
-from harness.stages.judge import STREAM, check_samples, check_stream
+from harness.stages.judge import STREAM, check_atomic_inc_stayed_on, check_samples, check_stream
 from harness.stages.probe import JiffiesSample
 from harness.stages.stream import Reading, StreamResult
 
@@ -79,3 +81,28 @@ def test_an_empty_stream_is_a_failure_not_a_pass() -> None:
 def test_where_the_stream_counts_ticks_the_rounds_do_not() -> None:
     checks = check_samples(healthy(), HZ, LIMITS, count_ticks=False).checks
     assert "ticks counted" not in names(checks) and "stale reads" in names(checks)
+
+
+def test_atomic_inc_turned_off_mid_run_fails_its_check_and_quotes_the_guest() -> None:
+    lines = ["ATOMIC_INC: enabled",
+             "ATOMIC_INC: disabled: hypercall returned 0 but jiffies_64 is 4294892473, not "
+             "4294892474; jiffies updated locally from now on"]
+    [check] = check_atomic_inc_stayed_on(lines, "as_built")
+    assert (check.name, check.passed, check.measured) == ("ATOMIC_INC stayed on", False, 1.0)
+    assert "hypercall returned 0 but jiffies_64 is 4294892473" in check.detail
+
+
+def test_atomic_inc_on_for_the_whole_run_passes() -> None:
+    [check] = check_atomic_inc_stayed_on(["ATOMIC_INC: enabled"], "send_all")
+    assert check.passed and "method send_all" in check.detail
+
+
+@pytest.mark.parametrize("lines, mode", [
+    (["ATOMIC_INC: enabled", "ATOMIC_INC: disabled: hypercall returned -1000"], None),
+    (["ATOMIC_INC: disabled: atomic_inc_jiffies=off"], "send_all"),
+    ([], "local_first"),
+])
+def test_no_atomic_inc_check_where_the_guest_never_used_a_dsm_of_ours(lines, mode) -> None:
+    """No host kvm of ours (mode None: one QEMU, where the guest's fallback is expected), or a
+    guest that never switched it on."""
+    assert check_atomic_inc_stayed_on(lines, mode) == []
