@@ -29,6 +29,7 @@ from tests.configs import shipped_config
 pytestmark = pytest.mark.e2e
 
 QEMU = "GVM_GIANTVM_QEMU"
+SEED_GUEST = Path(__file__).resolve().parents[1] / "guest-seed"
 
 
 def seed_kernel(variable: str) -> str:
@@ -49,11 +50,15 @@ def left_running(tmp_path: Path) -> list[str]:
             if "pgrep" not in line and str(tmp_path) in line]
 
 
-def seed_run(tmp_path: Path, kernel: str, mode: str) -> tuple[int, dict, RunFolder]:
-    """`run` on the seed's setup; the exit status, verdict.json and the run folder."""
+def seed_run(tmp_path: Path, kernel: str, mode: str,
+             guest_patches: Path | None = None) -> tuple[int, dict, RunFolder]:
+    """`run` on the seed's setup (with another guest series if given); the exit status,
+    verdict.json and the run folder."""
     data = shipped_config(tmp_path / "runs", "giantvm-emulated-1host.yaml")
     data["emulated_hosts"].update(kernel=kernel, qemu_tree=os.environ[QEMU])
     data["giantvm"]["atomic_inc_mode"] = mode
+    if guest_patches is not None:
+        data["guest"]["kernel"]["patches"] = str(guest_patches)
     config = tmp_path / "seed.yaml"
     config.write_text(yaml.safe_dump(data))
     try:
@@ -92,6 +97,22 @@ def test_the_original_send_all_is_turned_off_by_the_guest_at_its_first_tick(tmp_
     [off] = failed(verdict)
     assert off["name"] == "ATOMIC_INC stayed on", failed(verdict)
     assert "hypercall returned 0 but jiffies_64 is" in off["detail"], off
+
+
+def test_the_original_send_all_loses_ticks_under_a_guest_that_trusts_it(tmp_path) -> None:
+    """The seed's guest (tests/guest-seed: ret == 0 trusted, no read-back) against the original
+    send_all: the model's counterexample happens. The hypercall returns before its UPDATE is
+    applied, the next tick starts from the old value and a tick is lost; late UPDATEs with set
+    semantics, applied by unordered threads, also step jiffies back. ATOMIC_INC stays on."""
+    status, verdict, _ = seed_run(tmp_path, seed_kernel("GVM_SEED_SEND_ALL_KERNEL"), "as_built",
+                                  guest_patches=SEED_GUEST)
+    assert verdict["context"]["protocol_exercised"], verdict["context"]
+    assert status == 1 and not verdict["passed"]
+    names = {(check["transport"], check["name"]) for check in failed(verdict)}
+    assert ("ssh-stream", "ticks counted") in names, failed(verdict)
+    [ticks] = [check for check in failed(verdict) if check["name"] == "ticks counted"]
+    assert ticks["measured"] < 0 and "lost" in ticks["detail"], ticks
+    assert ("console", "ATOMIC_INC stayed on") not in names
 
 
 def test_the_original_update_first_kills_the_vcpu_thread_at_its_first_tick(tmp_path) -> None:

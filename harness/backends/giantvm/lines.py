@@ -293,6 +293,8 @@ class DmesgFinding:
     line: str
 
 
+# The first line of a kernel log that still holds its boot (dmesg's clock starts at 0).
+BOOT_LINE = re.compile(r"\[\s*0\.0+\]")
 # Most specific first: a line is reported once, under the first kind that matches.
 DMESG_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("DEADLOCK", re.compile(r"DEADLOCK")),
@@ -315,6 +317,12 @@ def scan_dmesg(text: str, run_id: str | None = None) -> list[DmesgFinding]:
         marker = DMESG_RUN_MARKER.format(run_id=run_id)
         starts = [number for number, line in enumerate(lines) if marker in line]
         if not starts:
+            if lines and not BOOT_LINE.match(lines[0]):
+                raise GiantVMSpecError(
+                    f"the host log no longer holds '{marker}': its ring buffer wrapped (it "
+                    f"starts at '{lines[0].strip()[:60]}', not at boot), so the kernel under test "
+                    "printed more than the buffer keeps since the run began; boot the host with "
+                    "a larger log_buf_len= to judge its log")
             raise GiantVMSpecError(f"the host log has no '{marker}' line: the harness writes it "
                                    "to /dev/kmsg before starting the nodes; was it run as root?")
         lines = lines[starts[-1] + 1:]

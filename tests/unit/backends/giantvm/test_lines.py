@@ -231,7 +231,16 @@ def test_dmesg_scan_after_the_run_marker() -> None:
 
 
 def test_dmesg_scan_without_the_marker_says_why() -> None:
+    booted = "[    0.000000] Linux version 4.9.76\n" + DMESG
     with pytest.raises(GiantVMSpecError, match="no 'gvm-harness: run r9 starts' line"):
+        scan_dmesg(booted, run_id="r9")
+
+
+def test_a_log_that_wrapped_since_the_run_began_says_so() -> None:
+    """The original send_all prints a line per hypercall: its 4.9 tinyconfig ring buffer held
+    only the last few seconds when the run ended, the run marker long gone."""
+    with pytest.raises(GiantVMSpecError, match="ring buffer wrapped .* starts at '\\[   10.0\\] "
+                                               "kvm_dsm_init.*log_buf_len="):
         scan_dmesg(DMESG, run_id="r9")
 
 
