@@ -111,8 +111,9 @@ class GuestSession:
                             f"console ({self.kernel_console_log}) ends with {tail}")
 
     def raise_if_down(self) -> None:
-        """raise_if_dead, and a KernelUnderTestError naming the host whose kernel oopsed: a
-        guest whose host kvm died will not become ready, and its timeout may be an hour."""
+        """raise_if_dead, and a KernelUnderTestError naming the host whose kernel failed (an
+        Oops, BUG, WARNING, hung task or lockup): a guest whose host kvm broke may never become
+        ready, and its timeout may be an hour."""
         self.raise_if_dead()
         failure = self.guest.host_kernel_failure()
         if failure is not None:

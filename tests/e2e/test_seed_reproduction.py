@@ -117,17 +117,16 @@ def test_the_original_send_all_loses_ticks_under_a_guest_that_trusts_it(tmp_path
 
 def test_the_original_update_first_kills_the_vcpu_thread_at_its_first_tick(tmp_path) -> None:
     """update_local() runs the kthread-only use_mm()/unuse_mm() on the vCPU thread: the host
-    oopses on that thread at the first hypercall and the guest never becomes ready. The wait
-    for the guest ends at the host's BUG line (not at the boot timeout), the FAIL row names the
-    host's kernel, and its log row shows the cause: kvm_dsm_release_page()'s
-    WARN_ON(kvm->mm != current->mm), then NULL dereferences."""
+    warns on that thread at the first hypercall (and, in some runs, oopses after) and the guest
+    never becomes ready. The wait for the guest ends at the host's first WARNING (not at the
+    boot timeout), the FAIL row names the host's kernel and quotes kvm_dsm_release_page()'s
+    WARN_ON(kvm->mm != current->mm) in dsm.c, and its log row shows the same."""
     status, verdict, run = seed_run(tmp_path, seed_kernel("GVM_SEED_UPDATE_FIRST_KERNEL"),
                                     "as_built")
     assert status == 1 and not verdict["passed"]
     assert [check["name"] for check in failed(verdict)] == [
         "host kernel of emu0", "host kernel log of emu0"], failed(verdict)
-    assert "NULL pointer dereference" in failed(verdict)[0]["detail"], failed(verdict)
+    assert "arch/x86/kvm/dsm.c:" in failed(verdict)[0]["detail"], failed(verdict)
     [host] = json.loads(run.file("host-dmesg.json").read_text())
     lines = {finding["kind"]: finding["line"] for finding in reversed(host["findings"])}
     assert "arch/x86/kvm/dsm.c:" in lines["WARNING"], host
-    assert "NULL pointer dereference" in lines["BUG"], host
