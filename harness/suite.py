@@ -162,8 +162,10 @@ def kernel_failure(error: KernelUnderTestError, config: ClusterConfig, run: RunF
                    host_checks: list[CheckResult] | None = None) -> Verdict:
     """A kernel under test that died or never became ready is a FAIL, with its reports; the
     row names the kernel (the guest's or a host's), and the hosts' log rows say what they saw."""
-    check = CheckResult(error.culprit, "console" if error.culprit == "guest kernel" else "dmesg",
-                        False, 1.0, "no panic/Oops/BUG; reaches the ready marker", str(error))
+    guest = error.culprit == "guest kernel"
+    check = CheckResult(error.culprit, "console" if guest else "dmesg", False, 1.0,
+                        "no panic/Oops/BUG; reaches the ready marker" if guest else
+                        "no Oops/BUG/WARNING/hung task/lockup while the guest boots", str(error))
     return write_reports(Verdict((check, *(host_checks or ()))), config, run,
                          Observation([], None), 0, context)
 
