@@ -34,6 +34,8 @@ from harness.backends.registry import load_config  # noqa: E402
 from harness.progress import Progress  # noqa: E402
 from harness.run_folder import RunFolder  # noqa: E402
 from harness.stages.workloads import start_commands  # noqa: E402
+from harness.guest_session import FATAL_CONSOLE  # noqa: E402
+from harness.transport.console_log import read_log  # noqa: E402
 from harness.transport.remote_host import RemoteHost, RemoteHostSpec  # noqa: E402
 
 DEBUGFS = "/sys/kernel/debug"
@@ -90,8 +92,13 @@ def main() -> int:
                 time.sleep(args.window)
                 rounds += round_samples(host.run(READ_SAMPLES, check=True, as_root=True).stdout)
         load_after = os.getloadavg()[0]
+        death = FATAL_CONSOLE.search(read_log(session.kernel_console_log))
     finally:
         session.close()
+    if death:
+        print(f"the guest died while measured ('{death.group(0).strip()}', see "
+              f"{session.kernel_console_log}); {len(rounds)} rounds were sampled before that")
+        return 1
     if not rounds:
         print(f"no round samples in {args.seconds:.0f}s: did the guest say 'ATOMIC_INC: enabled'?")
         return 1
