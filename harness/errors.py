@@ -34,11 +34,14 @@ class BootError(HarnessError):
     """The guest did not come up: QEMU exited, the kernel panicked, or a boot step timed out."""
 
 
+GUEST_KERNEL = "guest kernel"  # KernelUnderTestError's culprit unless a host's kernel failed
+
+
 class KernelUnderTestError(BootError):
     """The kernel under test failed; the message quotes its console and names the log.
     `culprit` names which kernel: the guest's, or a host's (its kvm is under test too)."""
 
-    def __init__(self, message: str, culprit: str = "guest kernel"):
+    def __init__(self, message: str, culprit: str = GUEST_KERNEL):
         super().__init__(message)
         self.culprit = culprit
 

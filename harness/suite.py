@@ -27,7 +27,7 @@ import paramiko
 from harness.backends.base import Backend, HostLog
 from harness.backends.registry import backend_for, backend_named
 from harness.config import ClusterConfig
-from harness.errors import HarnessError, KernelUnderTestError, ProbeError
+from harness.errors import GUEST_KERNEL, HarnessError, KernelUnderTestError, ProbeError
 from harness.hosts import preflight_hosts
 from harness.progress import Progress
 from harness.run_folder import RunFolder
@@ -162,7 +162,7 @@ def kernel_failure(error: KernelUnderTestError, config: ClusterConfig, run: RunF
                    host_checks: list[CheckResult] | None = None) -> Verdict:
     """A kernel under test that died or never became ready is a FAIL, with its reports; the
     row names the kernel (the guest's or a host's), and the hosts' log rows say what they saw."""
-    guest = error.culprit == "guest kernel"
+    guest = error.culprit == GUEST_KERNEL
     check = CheckResult(error.culprit, "console" if guest else "dmesg", False, 1.0,
                         "no panic/Oops/BUG; reaches the ready marker" if guest else
                         "no Oops/BUG/WARNING/hung task/lockup while the guest boots", str(error))

@@ -124,8 +124,8 @@ class RunningGuest(Protocol):
         """Per host, the host kvm's ATOMIC_INC and DSM counters now ({} where there are none)."""
 
     def host_kernel_failure(self) -> HostKernelFailure | None:
-        """A host kernel that oopsed, locked up or hung a task since the run began, so the
-        guest's wait can end at once instead of at its timeout (None where hosts are not ours).
+        """A host kernel that oopsed, warned, locked up or hung a task since the run began, so
+        the guest's wait can end at once instead of at its timeout (None where hosts are not ours).
         Cheap to call often: an implementation that reads logs over SSH throttles itself."""
 
     def stop(self) -> None:

@@ -126,16 +126,23 @@ def assert_fell_back_and_kept_running(verdict: dict, findings: dict[str, set[str
     assert "ATOMIC_INC failed" in findings["emu0"], findings
 
 
+def judged_after_a_fall_back(tmp_path: Path, fault) -> dict:
+    """judged() with a fault after which the guest must fall back and keep running; the
+    verdict. Whatever happens, none of this test's emulated hosts is left running."""
+    try:
+        verdict, findings = judged(tmp_path, fault)
+        assert_fell_back_and_kept_running(verdict, findings)
+        return verdict
+    finally:
+        assert left_running(tmp_path) == []
+
+
 def test_node_1s_qemu_killed_mid_run(tmp_path) -> None:
     def kill_node_1(session: GuestSession) -> None:
         on_host(session, "emu1", "killall -KILL qemu-system-x86_64")
         wait_for_console(session, FALLBACK, 120)
 
-    try:
-        verdict, findings = judged(tmp_path, kill_node_1)
-        assert_fell_back_and_kept_running(verdict, findings)
-    finally:
-        assert left_running(tmp_path) == []
+    judged_after_a_fall_back(tmp_path, kill_node_1)
 
 
 def test_network_between_the_hosts_cut_mid_run(tmp_path) -> None:
@@ -143,11 +150,7 @@ def test_network_between_the_hosts_cut_mid_run(tmp_path) -> None:
         on_host(session, "emu0", "ip link set eth1 down")
         wait_for_console(session, FALLBACK, 120)
 
-    try:
-        verdict, findings = judged(tmp_path, cut)
-        assert_fell_back_and_kept_running(verdict, findings)
-    finally:
-        assert left_running(tmp_path) == []
+    judged_after_a_fall_back(tmp_path, cut)
 
 
 def test_node_1s_host_frozen_mid_run_times_the_round_out(tmp_path) -> None:
@@ -164,14 +167,9 @@ def test_node_1s_host_frozen_mid_run_times_the_round_out(tmp_path) -> None:
         finally:
             os.kill(pid, signal.SIGCONT)
 
-    try:
-        verdict, findings = judged(tmp_path, freeze_node_1)
-        assert_fell_back_and_kept_running(verdict, findings)
-        [dmesg] = [check for check in verdict["checks"]
-                   if check["name"] == "host kernel log of emu0"]
-        assert "(timed out)" in dmesg["detail"], dmesg
-    finally:
-        assert left_running(tmp_path) == []
+    verdict = judged_after_a_fall_back(tmp_path, freeze_node_1)
+    [dmesg] = [check for check in verdict["checks"] if check["name"] == "host kernel log of emu0"]
+    assert "(timed out)" in dmesg["detail"], dmesg
 
 
 def test_bad_gpa_size_and_offset_get_an_error_and_the_host_stays_up(tmp_path) -> None:
