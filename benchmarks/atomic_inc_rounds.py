@@ -12,7 +12,7 @@ rounds/s is then what the protocol sustains, not how often an idle guest wakes.
 Usage: GVM_EMULATED_HOST_KERNEL=... GVM_GIANTVM_QEMU=... \\
     .venv/bin/python benchmarks/atomic_inc_rounds.py [--mode send_all|local_first]
     [--config vm_configs/giantvm-emulated-2node.yaml] [--seconds 30] [--window 4]
-    [--workload cpu-hog|none]
+    [--workload cpu-hog|none] [--emulator PATH]
 Prints a table; asserts nothing. The figures depend on the load of this machine (printed too).
 """
 
@@ -67,9 +67,14 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--window", type=float, default=4.0)
     parser.add_argument("--workload", choices=("cpu-hog", "none"), default="cpu-hog")
+    parser.add_argument("--emulator", help="the QEMU that emulates the hosts (default: the "
+                        "config's emulated_hosts.emulator)")
     args = parser.parse_args()
     config = load_config(args.config)
     config = config.with_section(replace(giantvm_of(config), atomic_inc_mode=args.mode))
+    if args.emulator:
+        config = config.with_section(replace(config.section(EmulatedHostsConfig),
+                                             emulator=args.emulator))
     run = RunFolder.create(config.run_root, f"bench-{config.name}")
     progress = Progress()
     session = suite.up(config, run, progress)
@@ -106,7 +111,8 @@ def main() -> int:
     stamps = [stamp for _, stamp in rounds]
     span_s = max((max(stamps) - min(stamps)) / 1000, 1e-3)
     emulated = config.section(EmulatedHostsConfig)
-    print(f"kernel {emulated.kernel if emulated else '?'}, method {args.mode}, guest workload "
+    print(f"kernel {emulated.kernel if emulated else '?'}, emulator "
+          f"{emulated.emulator if emulated else '?'}, method {args.mode}, guest workload "
           f"{args.workload}, host load {load_before:.1f} -> {load_after:.1f}")
     print("rounds  rounds/s  p50_ms  p99_ms  max_ms")
     print(f"{len(rounds):6d}  {len(rounds) / span_s:8.1f}  {percentile(totals, 0.5) / 1000:6.2f}  "

@@ -4,7 +4,8 @@ reattach to the cluster, and nothing is left running afterwards.
 
 Needs two builds the project does not fetch (docs/emulated-hosts.md): GVM_EMULATED_HOST_KERNEL
 (Linux-DSM + host_patches/giantvm-master, tinyconfig + bochs-host.config + emulated-host.config)
-and GVM_GIANTVM_QEMU (a static GiantVM QEMU 2.8 tree, `./gvm qemu-build`).
+and GVM_GIANTVM_QEMU (a static GiantVM QEMU 2.8 tree, `./gvm qemu-build`). GVM_EMULATOR, if set,
+is the QEMU that emulates the hosts (host_patches/emulator-qemu/build); else Debian's.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def emulated_config(tmp_path: Path, **changes) -> Path:
     data = shipped_config(tmp_path / "runs", "giantvm-emulated-2node.yaml")
     data["emulated_hosts"]["kernel"] = os.environ["GVM_EMULATED_HOST_KERNEL"]
     data["emulated_hosts"]["qemu_tree"] = os.environ["GVM_GIANTVM_QEMU"]
+    if os.environ.get("GVM_EMULATOR"):
+        data["emulated_hosts"]["emulator"] = os.environ["GVM_EMULATOR"]
     for key, value in changes.items():
         section, _, name = key.partition("__")
         data[section][name] = value

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from harness.backends.base import GuestOnBootedHosts, HostLog, StartSpec
+from harness.backends.emulated.emulator import probe_emulator
 from harness.backends.emulated.machine import EmulatedHostLauncher, private_links
 from harness.backends.giantvm.backend import GiantVMBackend
 from harness.backends.giantvm.guest import GiantVMGuest
@@ -32,7 +33,6 @@ from harness.transport.remote_host import RemoteHost, RemoteHostSpec
 
 HOSTS_DIR = "hosts"  # in the run folder: the hosts' initramfs, keys, consoles and QEMU logs
 WORK_DIR = "/tmp/gvm-harness"  # tmpfs in the hosts' initramfs
-QEMU_BINARY = "qemu-system-x86_64"  # this machine's, for the emulated hosts themselves
 SSH_READY_S = 180.0
 # The guest under nested SVM with a DSM between two emulated hosts is slow to boot and to answer.
 NESTED_BOOT_S = 900.0
@@ -176,17 +176,24 @@ class EmulatedBackend:
         emulated = _required(config)
         names = emulated_names(config)
         host_dir = spec.run.path / HOSTS_DIR
+        emulator = probe_emulator(emulated.emulator)
+        warning = emulator.warning()
+        if warning is not None:
+            progress.say(f"warning: {warning}")
         with progress.step("build the emulated hosts' initramfs (busybox, dropbear, keys)"):
             initramfs = rootfs.build_initramfs(host_dir)
         links = private_links(len(names), [free_loopback_port(udp=True) for _ in names]) \
             if any(private_ip(config, name) for name in names) else [None] * len(names)
         launchers = [EmulatedHostLauncher(
-            index=index, qemu_binary=QEMU_BINARY, kernel=emulated.kernel, initrd=initramfs.path,
+            index=index, qemu_binary=emulator.binary, kernel=emulated.kernel,
+            initrd=initramfs.path,
             cmdline=emulated.cmdline, cpus=emulated.cpus, memory_mb=emulated.memory_mb,
             ssh_port=free_loopback_port(), private_ip=private_ip(config, name), link=link,
             run_dir=host_dir) for index, (name, link) in enumerate(zip(names, links))]
         spec.run.write_json("emulated-hosts.json", {
-            "hosts": names, "command_lines": [launcher.command_line() for launcher in launchers]})
+            "hosts": names, "emulator": emulator.version,
+            "emulator_has_injection_fix": emulator.has_injection_fix,
+            "command_lines": [launcher.command_line() for launcher in launchers]})
         started: list[tuple[EmulatedHostRecord, LocalProcess]] = []
         remotes: list[RemoteHost] = []
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.backends.emulated.emulator import DEFAULT_EMULATOR
 from harness.config import BackendSection, ClusterConfig, HostConfig
 from harness.yaml_section import Section, required_path
 
@@ -21,6 +22,7 @@ class EmulatedHostsConfig:
 
     kernel: Path
     qemu_tree: Path  # a static GiantVM QEMU 2.8 build tree, uploaded to every host
+    emulator: str  # the QEMU on this machine that runs the hosts: a name on PATH, or a path
     cpus: int
     memory_mb: int
     cmdline: str
@@ -36,8 +38,11 @@ def parse_emulated_hosts(section: Section, config: ClusterConfig) -> EmulatedHos
     kernel, qemu_tree = required_path(section, "kernel"), required_path(section, "qemu_tree")
     if kernel.is_dir():  # a Linux-DSM build directory
         kernel = kernel / "arch/x86/boot/bzImage"
+    emulator = section.string("emulator", default=DEFAULT_EMULATOR)
+    if "/" in emulator:  # a path, relative to the YAML file like the others
+        emulator = str(section.path("emulator"))
     emulated = EmulatedHostsConfig(
-        kernel=kernel, qemu_tree=qemu_tree,
+        kernel=kernel, qemu_tree=qemu_tree, emulator=emulator,
         # Measured defaults (docs/emulated-hosts.md): one CPU, since two make the 4.9 kernel
         # distrust the TSC and turn every dsm-conn wake-up into an IPI between TCG threads;
         # idle=halt, since QEMU's AuthenticAMD model has the E400 erratum bit and amd_e400_idle

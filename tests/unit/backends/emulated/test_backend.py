@@ -14,7 +14,7 @@ from harness.backends.base import BootSpec, StartSpec
 from harness.backends.emulated.config import EmulatedHostsConfig
 from harness.backends.registry import backend_for, load_config
 from harness.config import DEFAULT_CONFIG
-from harness.errors import ConfigError, HarnessError
+from harness.errors import ConfigError, HarnessError, SetupError
 from harness.progress import Progress
 from harness.run_folder import RunFolder
 from tests.configs import shipped_config
@@ -78,3 +78,27 @@ def test_once_booted_the_hosts_are_ssh_endpoints_and_the_record_round_trips(conf
     assert booted.vm.qemu_binary == record.qemu_binary
     assert backend_for(booted).kind == "emulated"  # the section stays: attach finds it again
     assert EmulatedRecord.from_dict(asdict(record)) == record
+
+
+def test_the_emulator_is_debians_qemu_unless_the_yaml_names_a_build(config, tmp_path) -> None:
+    assert config.section(EmulatedHostsConfig).emulator == "qemu-system-x86_64"
+    data = shipped_config(tmp_path / "runs", EXAMPLE.name)
+    data["emulated_hosts"]["emulator"] = "emulator-qemu/bin/qemu-system-x86_64"
+    path = tmp_path / "built.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert load_config(path).section(EmulatedHostsConfig).emulator == \
+        str(tmp_path / "emulator-qemu/bin/qemu-system-x86_64")
+
+
+def test_a_missing_emulator_stops_the_start_before_anything_boots(config, tmp_path) -> None:
+    for name in ("bzImage", "qemu"):
+        (tmp_path / name).touch()
+    emulated = replace(config.section(EmulatedHostsConfig), emulator=str(tmp_path / "no-qemu"))
+    run = tmp_path / "run"
+    run.mkdir()
+    spec = StartSpec(config.with_section(emulated),
+                     BootSpec(tmp_path / "k", tmp_path / "i", "", 2, 256), RunFolder(run),
+                     Progress())
+    with pytest.raises(SetupError, match="emulator .*no-qemu is not installed"):
+        EmulatedBackend().start(spec)
+    assert list(run.iterdir()) == []
