@@ -102,8 +102,10 @@ class GuestSession:
         without that (the harness's or the host's side)."""
         match = FATAL_CONSOLE.search(read_log(self.kernel_console_log))
         if match:
+            caveat = self.guest.platform_caveat()
             raise KernelUnderTestError(f"the guest kernel failed: '{match.group(0).strip()}'; "
-                                       f"see {self.kernel_console_log}")
+                                       f"see {self.kernel_console_log}" +
+                                       (f". But {caveat}" if caveat else ""))
         status = self.guest.exit_status()
         if status is not None:
             tail = read_log(self.kernel_console_log).splitlines()[-3:]

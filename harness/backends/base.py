@@ -128,6 +128,10 @@ class RunningGuest(Protocol):
         the guest's wait can end at once instead of at its timeout (None where hosts are not ours).
         Cheap to call often: an implementation that reads logs over SSH throttles itself."""
 
+    def platform_caveat(self) -> str | None:
+        """A known defect below the guest, not in a kernel under test, that can kill the guest
+        the way a kernel bug would; a guest failure's message carries it (None: none known)."""
+
     def stop(self) -> None:
         """Stop every process of this guest; safe to call twice."""
 
@@ -171,6 +175,9 @@ class GuestOnBootedHosts(ABC):
 
     def host_kernel_failure(self) -> HostKernelFailure | None:
         return self.guest.host_kernel_failure()
+
+    def platform_caveat(self) -> str | None:
+        return self.guest.platform_caveat()
 
     def stop(self) -> None:
         try:

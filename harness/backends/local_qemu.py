@@ -112,6 +112,9 @@ class QemuGuest:
     def host_kernel_failure(self) -> HostKernelFailure | None:
         return None  # the host's kernel is not under test here
 
+    def platform_caveat(self) -> str | None:
+        return None
+
     def wait_for_socket(self, path: Path, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while not path.exists():

@@ -288,6 +288,9 @@ class RemoteQemuGuest:
     def host_kernel_failure(self) -> HostKernelFailure | None:
         return None  # the host's kernel is not under test here
 
+    def platform_caveat(self) -> str | None:
+        return None
+
     def open_local(self, fresh: bool) -> None:
         """Start the console tail and the two forwards; undone by `close_local`."""
         self.console.open(fresh)

@@ -17,7 +17,7 @@ from harness.backends.giantvm.backend import GiantVMBackend, launcher_for
 from harness.backends.giantvm.guest import GiantVMGuest
 from harness.backends.registry import backend_for, load_config
 from harness.config import REPO_ROOT
-from harness.errors import HarnessError
+from harness.errors import HarnessError, KernelUnderTestError
 from harness.progress import Progress
 from harness.run_folder import RunFolder
 from harness.stages import rootfs
@@ -233,3 +233,19 @@ def test_the_hosts_reached_before_the_build_are_the_remote_ones_that_exist_yet(
     cluster = config_with(tmp_path)
     suite.reach_hosts(cluster, backend_for(cluster), Progress())
     assert reached == [["h0", "h1"]]
+
+
+def test_a_guest_death_on_a_platform_with_a_known_defect_says_so_in_the_verdict(tmp_path) -> None:
+    """The emulated hosts' QEMU without the injection fix can kill a healthy guest; the FAIL row
+    must carry that doubt instead of blaming the kernel alone."""
+    session = _session_with(tmp_path, None, "traps: PANIC: double fault, error_code: 0x0\n"
+                                            "Kernel panic - not syncing: Fatal exception\n")
+    session.guest.platform_caveat = lambda: "the hosts' emulator lacks the fix"  # type: ignore[method-assign]
+    with pytest.raises(KernelUnderTestError) as raised:
+        session.raise_if_dead()
+    verdict = suite.kernel_failure(raised.value, session.config, session.run)
+    row = verdict.checks[0]
+    assert not verdict.passed and row.name == "guest kernel"
+    assert row.detail == (f"the guest kernel failed: 'Kernel panic - not syncing'; see "
+                          f"{tmp_path / 'console-kernel.log'}. But the hosts' emulator lacks "
+                          "the fix")

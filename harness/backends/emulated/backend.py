@@ -58,12 +58,13 @@ class EmulatedRecord:
     known_hosts: str
     qemu_binary: str  # the uploaded GiantVM QEMU, at the same path on every host
     cluster: dict  # the GiantVM guest's ClusterRecord
+    emulator_caveat: str | None  # the emulator's warning (emulator.py), None with the fix
 
     @classmethod
     def from_dict(cls, data: dict) -> EmulatedRecord:
         return cls(tuple(EmulatedHostRecord(**host) for host in data["hosts"]),
                    data["client_key"], data["known_hosts"], data["qemu_binary"],
-                   data["cluster"])
+                   data["cluster"], data.get("emulator_caveat"))  # absent: an older harness
 
 
 def emulated_names(config: ClusterConfig) -> list[str]:
@@ -103,6 +104,7 @@ class EmulatedGuest(GuestOnBootedHosts):
     client_key: str
     known_hosts: str
     qemu_binary: str
+    emulator_caveat: str | None
     final_logs: list[HostLog] | None = None  # read as the hosts were stopped
 
     @property
@@ -125,7 +127,11 @@ class EmulatedGuest(GuestOnBootedHosts):
 
     def record(self) -> EmulatedRecord:
         return EmulatedRecord(tuple(record for record, _ in self.hosts), self.client_key,
-                              self.known_hosts, self.qemu_binary, asdict(self.guest.record()))
+                              self.known_hosts, self.qemu_binary, asdict(self.guest.record()),
+                              self.emulator_caveat)
+
+    def platform_caveat(self) -> str | None:
+        return self.emulator_caveat
 
     def stop_machines(self) -> None:
         """The hosts' kernel logs are read first: after the nodes stopped (so their DSM shutdown
@@ -211,7 +217,8 @@ class EmulatedBackend:
             close_hosts(remotes)
             partial = EmulatedRecord(tuple(record for record, _ in started),
                                      str(initramfs.credentials.client_key),
-                                     str(host_dir / "keys" / "known_hosts"), qemu_binary, {})
+                                     str(host_dir / "keys" / "known_hosts"), qemu_binary, {},
+                                     warning)
             guest = GiantVMBackend().start(replace(spec,
                                                    config=hosts_as_booted(config, partial)))
         except BaseException:
@@ -220,7 +227,7 @@ class EmulatedBackend:
                 process.stop()
             raise
         return EmulatedGuest(started, guest, partial.client_key, partial.known_hosts,
-                             qemu_binary)
+                             qemu_binary, warning)
 
     def _log_in(self, record: EmulatedHostRecord, process: LocalProcess,
                 initramfs: rootfs.Initramfs, emulated: EmulatedHostsConfig,
@@ -256,7 +263,7 @@ class EmulatedBackend:
         guest = GiantVMBackend().attach(hosts_as_booted(config, saved), run, saved.cluster,
                                         forwards)
         return EmulatedGuest(hosts, guest, saved.client_key, saved.known_hosts,
-                             saved.qemu_binary)
+                             saved.qemu_binary, saved.emulator_caveat)
 
 
 def _start(launcher: EmulatedHostLauncher) -> LocalProcess:

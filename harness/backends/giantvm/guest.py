@@ -370,6 +370,9 @@ class GiantVMGuest:
                     return HostKernelFailure(host.host, finding.line)
         return None
 
+    def platform_caveat(self) -> str | None:
+        return None  # real hosts: their CPUs are not known to misdeliver
+
     def host_logs(self) -> list[HostLog]:
         """Every host's kernel log since the run began (host-dmesg.json in the run folder holds
         it all): nothing alarming, and every DSM line its nodes should have printed."""

@@ -62,6 +62,9 @@ class ScriptedGuest:
     def host_kernel_failure(self) -> None:
         return None
 
+    def platform_caveat(self) -> None:
+        return None
+
     def stop(self) -> None:
         self.stopped = True
 

@@ -70,7 +70,7 @@ def test_once_booted_the_hosts_are_ssh_endpoints_and_the_record_round_trips(conf
                              EmulatedHostRecord("emu1", 12, 40023, "/r/c1", "/r/q1")),
                             "/r/hosts/keys/client_key", "/r/hosts/keys/known_hosts",
                             "/tmp/gvm-harness/artifacts/qemu-x/x86_64-softmmu/qemu-system-x86_64",
-                            {"run_id": "r"})
+                            {"run_id": "r"}, "the hosts' emulator ... lacks the fix")
     booted = hosts_as_booted(config, record)
     assert [(h.address, h.port, h.work_dir) for h in booted.hosts] == [
         ("127.0.0.1", 40022, "/tmp/gvm-harness"), ("127.0.0.1", 40023, "/tmp/gvm-harness")]
