@@ -192,8 +192,8 @@ class EmulatedBackend:
             if any(private_ip(config, name) for name in names) else [None] * len(names)
         launchers = [EmulatedHostLauncher(
             index=index, qemu_binary=emulator.binary, kernel=emulated.kernel,
-            initrd=initramfs.path,
-            cmdline=emulated.cmdline, cpus=emulated.cpus, memory_mb=emulated.memory_mb,
+            initrd=initramfs.path, cmdline=emulated.cmdline, cpus=emulated.cpus,
+            memory_mb=emulated.memory_mb,
             ssh_port=free_loopback_port(), private_ip=private_ip(config, name), link=link,
             run_dir=host_dir) for index, (name, link) in enumerate(zip(names, links))]
         spec.run.write_json("emulated-hosts.json", {
