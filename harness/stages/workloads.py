@@ -8,9 +8,10 @@ says which stress (config `probe.workloads`, named in the verdict's context with
 - tick-mover: the guest series' kthread handing the do_timer duty (the CPU that advances
   jiffies) to the next online vCPU every 20 ms (/proc/gvm_jiffies_tick_mover), so every vCPU, and
   under GiantVM every node, takes turns at the tick: a tick lost or doubled at a handover fails
-  "ticks counted". (CPU hotplug moves the duty only when the timekeeper goes offline, and vCPU 0,
-  which holds it from boot, cannot; busy loops that move between vCPUs move it only where an idle
-  vCPU stops its tick, which the stream's 2 x HZ timers prevent.)
+  "ticks counted". An idle vCPU drops the duty at its next idle entry, even while the stream's
+  timers fire, so only busy vCPUs do the tick for a whole period: with cpu-hog every vCPU does.
+  The verdict names the vCPUs that kept the duty a period after their turn. (CPU hotplug moves
+  the duty only when the timekeeper goes offline, and vCPU 0, which holds it from boot, cannot.)
 - nanosleep: a loop of 100 us sleeps (busybox `usleep`, a clock_nanosleep each) pinned to every
   vCPU: hrtimers armed and fired thousands of times a second beside the tick's own.
 
@@ -21,13 +22,14 @@ a lost connection never leaves it running; `stop_commands` ends it sooner.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from harness.stages.probe import CommandRunner
 from harness.stages.stream import PAGE_WRITER_FILE, page_writer_command
 
 PAGE_WRITER_PERIOD_US = 1000
 TICK_MOVER_FILE = "/proc/gvm_jiffies_tick_mover"
-TICK_MOVER_PERIOD_US = 20_000  # 50 handovers a second: each vCPU keeps the duty ~5 ticks at HZ 250
+TICK_MOVER_PERIOD_US = 20_000  # 50 handovers a second: a busy vCPU keeps the duty ~5 ticks at HZ 250
 NANOSLEEP_US = 100
 BUSY_LOOP = "while :; do :; done"
 SLEEP_LOOP = f"while :; do usleep {NANOSLEEP_US}; done"
@@ -90,14 +92,51 @@ def _count(field: str, text: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+@dataclass(frozen=True)
+class TickMoverState:
+    """The mover's counts since its start, per vCPU: its turns (took) and the turns after which
+    it still held the duty a period later (kept)."""
+    moves: int
+    took: dict[int, int]
+    kept: dict[int, int]
+
+    @classmethod
+    def parse(cls, text: str) -> TickMoverState | None:
+        """None where the file lacks the counts (a guest series older than took= and kept=)."""
+        moves = _count("moves", text)
+        took, kept = _per_vcpu("took", text), _per_vcpu("kept", text)
+        if moves is None or took is None or kept is None:
+            return None
+        return cls(moves, took, kept)
+
+    def kept_by(self) -> tuple[int, ...]:
+        return tuple(vcpu for vcpu, turns in sorted(self.kept.items()) if turns)
+
+
+def _per_vcpu(field: str, text: str) -> dict[int, int] | None:
+    match = re.search(rf"\b{field}=((?:\d+:\d+,?)+)", text)
+    if not match:
+        return None
+    pairs = (pair.split(":") for pair in match.group(1).rstrip(",").split(","))
+    return {int(vcpu): int(turns) for vcpu, turns in pairs}
+
+
+def _describe_mover(text: str) -> str:
+    state = TickMoverState.parse(text)
+    if state is None:
+        moves = _count("moves", text)
+        return f"tick-mover ({moves if moves is not None else '?'} handovers)"
+    kept_by = ",".join(str(vcpu) for vcpu in state.kept_by()) or "none"
+    return f"tick-mover ({state.moves} handovers, kept a period by vCPUs {kept_by})"
+
+
 def report(workloads: tuple[str, ...], runner: CommandRunner) -> tuple[str, ...]:
     """Each workload's name, with what it did where the guest counts it (read before the stop:
     the page writer's count is since boot, the mover's since its start)."""
     described = []
     for name in workloads:
         if name == "tick-mover":
-            moves = _count("moves", runner.run(f"cat {TICK_MOVER_FILE}").output)
-            described.append(f"tick-mover ({moves if moves is not None else '?'} handovers)")
+            described.append(_describe_mover(runner.run(f"cat {TICK_MOVER_FILE}").output))
         elif name == "page-writer":
             writes = _count("writes", runner.run(f"cat {PAGE_WRITER_FILE}").output)
             described.append(f"page-writer ({writes if writes is not None else '?'} writes)")

@@ -6,7 +6,8 @@ import pytest
 
 from harness.stages.coherence import ClockBounds, check_coherence, measure_clock_bounds
 from harness.stages.stream import (PAGE_WRITER_FILE, STREAM_FILE, page_writer_command, read_stream, stream_command)
-from harness.stages.workloads import TICK_MOVER_FILE, tick_mover_command
+from harness.stages.workloads import (TICK_MOVER_FILE, TickMoverState, start_commands, stop_commands,
+                                      tick_mover_command)
 
 pytestmark = pytest.mark.e2e
 
@@ -62,26 +63,28 @@ def test_page_writer_writes_without_changing_jiffies(cluster, guest_ssh) -> None
 
 def test_tick_mover_hands_the_tick_to_every_vcpu_and_jiffies_stay_coherent(
         cluster, cluster_config, guest_ssh) -> None:
+    vcpus = cluster_config.vm.vcpus
+    # busy vCPUs: an idle vCPU drops the duty at its next idle entry, even while the stream's
+    # timers fire (measured idle: kept 0-2 of ~44 turns a vCPU; busy: every turn)
+    for command in start_commands(("cpu-hog",), vcpus, 30):
+        assert guest_ssh.run(command).exit_status == 0
     assert guest_ssh.run(tick_mover_command(20_000, 30)).exit_status == 0
     try:
-        every_vcpu = set(range(cluster_config.vm.vcpus))
-        holders: set[int] = set()
-        for _ in range(200):  # a read is a moment: on a busy host some holders pass between two
-            holders.add(int(guest_ssh.run(f"cat {TICK_MOVER_FILE}").check("mover")
-                            .split("timekeeper=")[1]))
-            if every_vcpu <= holders:
-                break
-        # -1 is TICK_DO_TIMER_NONE: for a moment no vCPU holds the duty (an idle holder let go)
-        assert holders - {-1} == every_vcpu, holders
         result = stream(guest_ssh, 5, cluster.record.vcpus_per_node)
         hz = cluster.record.hz
         checks = check_coherence(result.readings, hz, "ssh-stream", hz,   # lag bound: 1 s
                                  ClockBounds.one_clock({r.node for r in result.readings}))
         assert all(c.passed for c in checks), [c for c in checks if not c.passed]
-        moves = int(guest_ssh.run(f"cat {TICK_MOVER_FILE}").check("mover")
-                    .split("moves=")[1].split()[0])
-        assert moves > 100
+        state_text = guest_ssh.run(f"cat {TICK_MOVER_FILE}").check("mover")
+        state = TickMoverState.parse(state_text)
+        assert state is not None, state_text
+        every_vcpu = set(range(vcpus))
+        assert set(state.took) == every_vcpu and min(state.took.values()) > 0, state
+        assert set(state.kept_by()) == every_vcpu, state   # every vCPU's own ticks advanced jiffies
+        assert state.moves > 100, state
     finally:
         assert guest_ssh.run(tick_mover_command(0)).exit_status == 0
+        for command in stop_commands(("cpu-hog",)):
+            guest_ssh.run(command).check("stopping the cpu hog")
     assert guest_ssh.run(f"cat {TICK_MOVER_FILE}").check("m").startswith("period_us=0 moves=")
     assert guest_ssh.run(tick_mover_command(50)).exit_status != 0      # below 100 us: refused

@@ -30,8 +30,10 @@ def test_a_run_with_every_workload_passes_and_names_what_each_did(tmp_path: Path
     assert status == 0 and verdict["passed"], [c for c in verdict["checks"] if not c["passed"]]
     named = verdict["context"]["workloads"]
     assert [name.split(" ")[0] for name in named] == list(WORKLOADS)
-    handovers = re.fullmatch(r"tick-mover \((\d+) handovers\)", named[2])
+    handovers = re.fullmatch(r"tick-mover \((\d+) handovers, kept a period by vCPUs ([\d,]+)\)", named[2])
     writes = re.fullmatch(r"page-writer \((\d+) writes\)", named[1])
     assert handovers and int(handovers.group(1)) > 100, named
+    # cpu-hog keeps every vCPU busy, so each did the tick for a whole period after its turn
+    assert handovers.group(2) == ",".join(str(v) for v in range(data["vm"]["vcpus"])), named
     assert writes and int(writes.group(1)) > 1000, named
     assert "tick-mover (" in run.file("verdict.txt").read_text()

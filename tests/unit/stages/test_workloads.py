@@ -11,6 +11,7 @@ from harness.stages.workloads import (
     HOG_PIDS,
     SLEEPER_PIDS,
     TICK_MOVER_FILE,
+    TickMoverState,
     report,
     start_commands,
     stop_commands,
@@ -95,6 +96,18 @@ def test_the_verdict_names_each_workload_with_what_it_did() -> None:
     assert report(("cpu-hog", "tick-mover", "page-writer", "nanosleep"), guest) == (
         "cpu-hog", "tick-mover (997 handovers)", "page-writer (18220 writes)", "nanosleep")
     assert report(("tick-mover",), FakeGuest({})) == ("tick-mover (? handovers)",)
+
+
+def test_the_verdict_names_the_vcpus_that_kept_the_tick_a_period() -> None:
+    mover = "period_us=20000 moves=250 timekeeper=1 took=0:63,1:63,2:62,3:62 kept=0:0,1:40,2:61,3:5\n"
+    assert report(("tick-mover",), FakeGuest({TICK_MOVER_FILE: mover})) == (
+        "tick-mover (250 handovers, kept a period by vCPUs 1,2,3)",)
+    state = TickMoverState.parse(mover)
+    assert state == TickMoverState(250, {0: 63, 1: 63, 2: 62, 3: 62}, {0: 0, 1: 40, 2: 61, 3: 5})
+    idle = "period_us=20000 moves=8 timekeeper=-1 took=0:2,1:2 kept=0:0,1:0\n"
+    assert report(("tick-mover",), FakeGuest({TICK_MOVER_FILE: idle})) == (
+        "tick-mover (8 handovers, kept a period by vCPUs none)",)
+    assert TickMoverState.parse("period_us=20000 moves=997 timekeeper=2\n") is None
 
 
 def test_every_workload_the_config_accepts_has_commands() -> None:
