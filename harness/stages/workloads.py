@@ -29,7 +29,7 @@ from harness.stages.stream import PAGE_WRITER_FILE, page_writer_command
 
 PAGE_WRITER_PERIOD_US = 1000
 TICK_MOVER_FILE = "/proc/gvm_jiffies_tick_mover"
-TICK_MOVER_PERIOD_US = 20_000  # 50 handovers a second: a busy vCPU keeps the duty ~5 ticks at HZ 250
+TICK_MOVER_PERIOD_US = 20_000  # 50 handovers a second: a busy vCPU keeps it ~5 ticks at HZ 250
 NANOSLEEP_US = 100
 BUSY_LOOP = "while :; do :; done"
 SLEEP_LOOP = f"while :; do usleep {NANOSLEEP_US}; done"

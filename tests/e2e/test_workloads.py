@@ -30,7 +30,8 @@ def test_a_run_with_every_workload_passes_and_names_what_each_did(tmp_path: Path
     assert status == 0 and verdict["passed"], [c for c in verdict["checks"] if not c["passed"]]
     named = verdict["context"]["workloads"]
     assert [name.split(" ")[0] for name in named] == list(WORKLOADS)
-    handovers = re.fullmatch(r"tick-mover \((\d+) handovers, kept a period by vCPUs ([\d,]+)\)", named[2])
+    handovers = re.fullmatch(r"tick-mover \((\d+) handovers, kept a period by vCPUs ([\d,]+)\)",
+                             named[2])
     writes = re.fullmatch(r"page-writer \((\d+) writes\)", named[1])
     assert handovers and int(handovers.group(1)) > 100, named
     # cpu-hog keeps every vCPU busy, so each did the tick for a whole period after its turn

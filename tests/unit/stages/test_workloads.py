@@ -99,7 +99,8 @@ def test_the_verdict_names_each_workload_with_what_it_did() -> None:
 
 
 def test_the_verdict_names_the_vcpus_that_kept_the_tick_a_period() -> None:
-    mover = "period_us=20000 moves=250 timekeeper=1 took=0:63,1:63,2:62,3:62 kept=0:0,1:40,2:61,3:5\n"
+    mover = ("period_us=20000 moves=250 timekeeper=1 took=0:63,1:63,2:62,3:62 "
+             "kept=0:0,1:40,2:61,3:5\n")
     assert report(("tick-mover",), FakeGuest({TICK_MOVER_FILE: mover})) == (
         "tick-mover (250 handovers, kept a period by vCPUs 1,2,3)",)
     state = TickMoverState.parse(mover)
